@@ -448,7 +448,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise TypeError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, arg, f"{key}[{i}]"))
+            except TypeError as err:
+                raise TypeError(f"element {i}: {err}") from None
+        return out
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError(f"expected a mapping, got {type(value).__name__} {value!r}")
