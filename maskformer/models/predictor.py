@@ -1,0 +1,92 @@
+"""The transformer predictor: N learned queries -> N (class, mask embedding) pairs.
+
+This is the original ``TransformerPredictor`` with ``mask_classification=True``: a DETR decoder
+(no encoder layers) attends from the queries to one backbone/encoder feature map; a linear head
+gives K+1 class logits per query (the last is "no object") and a 3-layer MLP gives a mask
+embedding whose dot product with the per-pixel embeddings is the query's mask logit map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maskformer.models.pixel_decoder import c2_xavier_fill
+from maskformer.models.position_encoding import PositionEmbeddingSine
+from maskformer.models.transformer import TransformerDecoder
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class TransformerPredictor(nn.Module):
+    """Queries -> class logits and mask logits, for every decoder layer.
+
+    Args:
+        in_channels: channels of the map the decoder attends to (res5, or the pixel decoder's encoder output).
+        num_classes: K real classes; the class head has K+1 outputs.
+        hidden_dim, num_queries, nheads, dim_feedforward, dropout, dec_layers, pre_norm: the DETR decoder.
+        mask_dim: width of the per-pixel embeddings from the pixel decoder.
+        enforce_input_proj: add the 1x1 input projection even when ``in_channels == hidden_dim``.
+        deep_supervision: also return the predictions of the first ``dec_layers - 1`` layers (in training).
+
+    forward(x [B,C_in,h,w], mask_features [B,mask_dim,H/4,W/4], with_aux: bool | None = None) -> {
+        "pred_logits": [B,Q,K+1], "pred_masks": [B,Q,H/4,W/4],
+        "aux_outputs": [{"pred_logits", "pred_masks"}] * (dec_layers - 1)   (when with_aux)}
+    ``with_aux`` defaults to ``self.training and deep_supervision``: evaluation skips the
+    auxiliary mask maps, which it never uses.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
+                 nheads: int = 8, dim_feedforward: int = 2048, dropout: float = 0.1, dec_layers: int = 6,
+                 pre_norm: bool = False, mask_dim: int = 256, enforce_input_proj: bool = False,
+                 deep_supervision: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.deep_supervision = deep_supervision
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        if in_channels != hidden_dim or enforce_input_proj:
+            self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
+            c2_xavier_fill(self.input_proj)
+        else:
+            self.input_proj = nn.Identity()
+        self.decoder = TransformerDecoder(dec_layers, hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    def forward(self, x: torch.Tensor, mask_features: torch.Tensor,
+                with_aux: bool | None = None) -> dict[str, object]:
+        if with_aux is None:
+            with_aux = self.training
+        with_aux = with_aux and self.deep_supervision
+        batch = x.shape[0]
+        pos = self.pe_layer(x).flatten(2).transpose(1, 2)  # [B, h*w, C]
+        memory = self.input_proj(x).flatten(2).transpose(1, 2)  # [B, h*w, C]
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+        # The decoder input is zeros: queries differ only through their learned positional embedding.
+        tgt = torch.zeros_like(query_pos)
+        hs = self.decoder(tgt, memory, pos, query_pos, all_layers=with_aux)  # [L, B, Q, C]
+
+        logits = self.class_embed(hs)  # [L, B, Q, K+1]
+        mask_embed = self.mask_embed(hs)  # [L, B, Q, D]
+        masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        out: dict[str, object] = {"pred_logits": logits[-1], "pred_masks": masks[-1]}
+        if with_aux:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
+        return out

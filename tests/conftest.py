@@ -1,0 +1,37 @@
+"""Shared fixtures: fixed seeds and a tiny model config that builds offline in milliseconds."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from maskformer.config import Config, config_from_dict
+
+TINY_OVERRIDES = [
+    "model.backbone.name=test_resnet",
+    "model.backbone.pretrained=false",
+    "model.backbone.kwargs={zero_init_last: false}",
+    "model.num_classes=4",
+    "model.conv_dim=32",
+    "model.mask_dim=32",
+    "model.hidden_dim=32",
+    "model.nheads=4",
+    "model.dim_feedforward=64",
+    "model.num_queries=8",
+    "model.dec_layers=2",
+    "model.pixel_decoder_enc_layers=1",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A ~0.5M-parameter MaskFormer config (timm's test_resnet backbone, 2 decoder layers, 8 queries)."""
+    return config_from_dict({}, TINY_OVERRIDES + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
