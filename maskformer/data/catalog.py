@@ -130,14 +130,14 @@ _ADE_PAN = _ADE150(name="ade20k_panoptic", evaluator="sem_seg+panoptic")
 
 
 BUILTIN_DATASETS: dict[str, tuple[Builder, MetadataSpec, str | None]] = {
-    "ade20k_semantic": (
+    "ade20k_sem_seg": (
         formats.ade20k_semantic,
-        _ADE150(name="ade20k_semantic", evaluator="sem_seg"),
+        _ADE150(name="ade20k_sem_seg", evaluator="sem_seg"),
         "ADEChallengeData2016",
     ),
-    "ade20k_full": (
+    "ade20k_full_sem_seg": (
         formats.ade20k_full,
-        load_packaged_metadata("ade20k_full_847.json", name="ade20k_full", evaluator="sem_seg"),
+        load_packaged_metadata("ade20k_full_847.json", name="ade20k_full_sem_seg", evaluator="sem_seg"),
         "ADE20K_2021_17_01",
     ),
     "ade20k_panoptic": (
@@ -146,14 +146,14 @@ BUILTIN_DATASETS: dict[str, tuple[Builder, MetadataSpec, str | None]] = {
         "ADEChallengeData2016",
     ),
     "coco_panoptic": (lambda root, split: formats.coco_panoptic(root, split, _COCO_PAN), _COCO_PAN, "coco"),
-    "coco_stuff_10k": (
+    "coco_stuff_10k_sem_seg": (
         formats.coco_stuff_10k,
-        load_packaged_metadata("coco_stuff_171.json", name="coco_stuff_10k", evaluator="sem_seg"),
+        load_packaged_metadata("coco_stuff_171.json", name="coco_stuff_10k_sem_seg", evaluator="sem_seg"),
         os.path.join("coco", "coco_stuff_10k"),
     ),
-    "cityscapes_semantic": (
+    "cityscapes_sem_seg": (
         formats.cityscapes_semantic,
-        load_packaged_metadata("cityscapes_19.json", name="cityscapes_semantic", evaluator="sem_seg"),
+        load_packaged_metadata("cityscapes_19.json", name="cityscapes_sem_seg", evaluator="sem_seg"),
         "cityscapes",
     ),
     "cityscapes_panoptic": (
@@ -161,9 +161,9 @@ BUILTIN_DATASETS: dict[str, tuple[Builder, MetadataSpec, str | None]] = {
         _CITYSCAPES_PAN,
         "cityscapes",
     ),
-    "mapillary_vistas": (
+    "mapillary_vistas_sem_seg": (
         formats.mapillary_vistas,
-        load_packaged_metadata("mapillary_vistas_65.json", name="mapillary_vistas", evaluator="sem_seg"),
+        load_packaged_metadata("mapillary_vistas_65.json", name="mapillary_vistas_sem_seg", evaluator="sem_seg"),
         "mapillary_vistas",
     ),
     "folder": (formats.folder_records, formats.folder_metadata, None),

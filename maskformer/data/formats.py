@@ -211,7 +211,7 @@ _ADE_SPLITS = {"train": "training", "val": "validation"}
 def ade20k_semantic(root: str, split: str) -> list[dict]:
     """ADEChallengeData2016: ``annotations_detectron2/`` (prepared, 0-based, 255 ignore) if present,
     else the raw 1-based ``annotations/`` read with label 0 -> ignore and k -> k-1."""
-    sub = _split_dir(split, _ADE_SPLITS, "ade20k_semantic")
+    sub = _split_dir(split, _ADE_SPLITS, "ade20k_sem_seg")
     prepared = Path(root) / "annotations_detectron2" / sub
     if prepared.is_dir():
         return load_sem_seg_pairs(Path(root) / "images" / sub, prepared, hint="ADEChallengeData2016")
@@ -223,7 +223,7 @@ def ade20k_semantic(root: str, split: str) -> list[dict]:
 
 def ade20k_full(root: str, split: str) -> list[dict]:
     """ADE20K_2021_17_01 after ``tools/datasets/prepare_ade20k_full.py``: uint16 TIFF train ids, 65535 ignore."""
-    sub = _split_dir(split, _ADE_SPLITS, "ade20k_full")
+    sub = _split_dir(split, _ADE_SPLITS, "ade20k_full_sem_seg")
     return load_sem_seg_pairs(
         Path(root) / "images_detectron2" / sub,
         Path(root) / "annotations_detectron2" / sub,
@@ -265,7 +265,7 @@ def coco_panoptic(root: str, split: str, metadata: DatasetMetadata) -> list[dict
 
 def coco_stuff_10k(root: str, split: str) -> list[dict]:
     """COCO-Stuff-10K v1.0 after ``tools/datasets/prepare_coco_stuff_10k.py`` (splits train/test; val = test)."""
-    sub = _split_dir(split, {"train": "train", "test": "test", "val": "test"}, "coco_stuff_10k")
+    sub = _split_dir(split, {"train": "train", "test": "test", "val": "test"}, "coco_stuff_10k_sem_seg")
     return load_sem_seg_pairs(
         Path(root) / "images_detectron2" / sub,
         Path(root) / "annotations_detectron2" / sub,
@@ -275,7 +275,7 @@ def coco_stuff_10k(root: str, split: str) -> list[dict]:
 
 def cityscapes_semantic(root: str, split: str) -> list[dict]:
     """Cityscapes fine: ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelTrainIds.png``."""
-    _split_dir(split, {"train": "train", "val": "val", "test": "test"}, "cityscapes_semantic")
+    _split_dir(split, {"train": "train", "val": "val", "test": "test"}, "cityscapes_sem_seg")
     return load_sem_seg_pairs(
         Path(root) / "leftImg8bit" / split,
         Path(root) / "gtFine" / split,
@@ -324,7 +324,7 @@ def cityscapes_panoptic(root: str, split: str, metadata: DatasetMetadata) -> lis
 
 def mapillary_vistas(root: str, split: str) -> list[dict]:
     """Mapillary Vistas v1.2: ``{training,validation}/{images/*.jpg, labels/*.png}`` (labels as released)."""
-    sub = _split_dir(split, _ADE_SPLITS, "mapillary_vistas")
+    sub = _split_dir(split, _ADE_SPLITS, "mapillary_vistas_sem_seg")
     return load_sem_seg_pairs(Path(root) / sub / "images", Path(root) / sub / "labels", hint="Mapillary Vistas v1.2")
 
 
