@@ -149,6 +149,8 @@ class TrainMapper:
 class TestMapper:
     """Shortest-edge resize only; keeps full-resolution ground truth for evaluation."""
 
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, *, min_size: int, max_size: int, task: str, ignore_label: int):
         self.resize = ResizeShortestEdge(min_size, max_size)
         self.task = task
