@@ -124,3 +124,24 @@ def test_prepare_ade20k_panoptic(tmp_path):
 def test_missing_raw_data_is_a_clear_error(tmp_path, capsys):
     assert _script("prepare_cityscapes").main(["--root", str(tmp_path), "--no-progress"]) == 1
     assert "gtFine: no *_gtFine_labelIds.png found" in capsys.readouterr().err
+
+
+def test_check_dataset_reports_counts_and_bad_samples(tmp_path, capsys):
+    root = tmp_path / "mine"
+    for stem, label in (("a", [[0, 0, 1, 1]] * 2), ("b", [[0, 5, 1, 1]] * 2)):
+        _rgb(root / f"images/train/{stem}.png", 2, 4)
+        _gray(root / f"masks/train/{stem}.png", label)
+    (root / "classes.txt").write_text("road\ncar\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{num_classes: 2}}\ndata:\n  train: {{name: folder, root: {root}}}\n")
+    spec = importlib.util.spec_from_file_location("check_dataset", TOOLS.parent / "check_dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(config), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 samples, 2 classes" in out and "1 bad sample(s):" in out
+    assert "masks/train/b.png: label values 5 are outside [0, 2)" in out
+    assert "   0  road                                50.000       1" in out  # 4 of 8 pixels of the one good image
+    (root / "masks/train/b.png").unlink()
+    _gray(root / "masks/train/b.png", [[0, 0, 1, 1]] * 2)
+    assert tool.main([str(config), "--no-progress"]) == 0 and "no bad samples" in capsys.readouterr().out
