@@ -11,6 +11,9 @@ The rules are those of the official ``panopticapi.evaluation.pq_compute``:
 * per category ``PQ = sum IoU / (TP + FP/2 + FN/2)``, ``SQ = sum IoU / TP``, ``RQ = TP / (TP + FP/2 + FN/2)``,
   averaged over the categories with ``TP + FP + FN > 0``, separately for all, things and stuff.
 
+Segment areas are counted in the PNGs / id maps (a JSON ``area`` field is not read), and every id in a PNG must be
+listed in its ``segments_info`` and vice versa, for the ground truth as well as the predictions.
+
 Per image the matching is vectorised: both id maps are compacted to segment indices and a single ``bincount``
 over ``gt_index * (P + 1) + pred_index`` gives every intersection, so no Python loop runs over pixels or pairs.
 """
