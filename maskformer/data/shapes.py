@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -234,12 +236,9 @@ def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, n
     return Path(parent) / f"shapes-{digest}"
 
 
-def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things) -> None:
-    for sub in ("images", "masks", "panoptic"):
-        (out / sub / split).mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n", encoding="utf-8")
+def _write_images(out: Path, split: str, image_size: int, seed: int, num_things, indices: range) -> tuple[list, list]:
     images, annotations = [], []
-    for i in range(num_images):
+    for i in indices:
         image, semantic, pan, segments = generate_shapes_image(seed, split, i, image_size, tuple(num_things))
         stem = f"{split}_{i:06d}"
         Image.fromarray(image).save(out / "images" / split / f"{stem}.jpg", quality=95)
@@ -247,6 +246,24 @@ def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: 
         Image.fromarray(id2rgb(pan)).save(out / "panoptic" / split / f"{stem}.png")
         images.append({"id": stem, "file_name": f"{stem}.jpg", "height": image_size, "width": image_size})
         annotations.append({"image_id": stem, "file_name": f"{stem}.png", "segments_info": segments})
+    return images, annotations
+
+
+def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things) -> None:
+    for sub in ("images", "masks", "panoptic"):
+        (out / sub / split).mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n", encoding="utf-8")
+    # Images are independent, so large splits are drawn in parallel (not from daemonic processes such
+    # as DataLoader workers, which may not start children). The result is identical either way.
+    workers = min(os.cpu_count() or 1, 8, num_images // 250)
+    chunks = [range(k * num_images // max(workers, 1), (k + 1) * num_images // max(workers, 1)) for k in range(max(workers, 1))]
+    if workers > 1 and not multiprocessing.current_process().daemon:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_write_images, *zip(*[(out, split, image_size, seed, num_things, c) for c in chunks])))
+    else:
+        parts = [_write_images(out, split, image_size, seed, num_things, range(num_images))]
+    images = [x for part in parts for x in part[0]]
+    annotations = [x for part in parts for x in part[1]]
     categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(SHAPES_CLASSES, SHAPES_THINGS))]
     with open(out / "panoptic" / f"{split}.json", "w", encoding="utf-8") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
