@@ -180,6 +180,7 @@ class DataConfig:
 class SolverConfig:
     """Optimiser and schedule. ``ims_per_batch`` is the total batch over all processes."""
 
+    # adamw (the original) | sgd (momentum below; for baselines and exact equivalence checks)
     optimizer: str = "adamw"
     ims_per_batch: int = 16
     max_iter: int = 160000
@@ -191,6 +192,7 @@ class SolverConfig:
     weight_decay_bias: Union[float, None] = None
     backbone_multiplier: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
     # poly | multistep
     lr_scheduler: str = "poly"
     poly_power: float = 0.9
@@ -294,7 +296,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.mask_loss": ("focal", "bce"),
     "loss.matcher": ("hungarian", "fixed"),
     "data.mapper": ("semantic", "panoptic", "detr_panoptic"),
-    "solver.optimizer": ("adamw",),
+    "solver.optimizer": ("adamw", "sgd"),
     "solver.lr_scheduler": ("poly", "multistep"),
     "solver.warmup_method": ("linear", "constant"),
     "train.amp": ("off", "bf16", "fp16"),
@@ -367,6 +369,7 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
     need(s.weight_decay >= 0, "solver.weight_decay", "must be >= 0")
     need(s.backbone_multiplier >= 0, "solver.backbone_multiplier", "must be >= 0")
     need(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), "solver.betas", "must be two values in [0, 1)")
+    need(0 <= s.momentum < 1, "solver.momentum", "must be in [0, 1)")
     need(s.poly_power >= 0, "solver.poly_power", "must be >= 0")
     need(list(s.steps) == sorted(s.steps) and all(0 < x < s.max_iter for x in s.steps), "solver.steps",
          f"must be increasing iterations inside (0, max_iter={s.max_iter}), got {s.steps}")

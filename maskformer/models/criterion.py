@@ -82,9 +82,13 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx = _prediction_index(indices)
         matched = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes[batch_idx, query_idx] = matched
-        # A weighted mean over all B*Q queries: not divided by num_masks (as the original).
-        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
-        return {"loss_ce": loss}
+        # A weighted mean over all B*Q queries (not divided by num_masks), as the original. Under DDP
+        # the weight total is averaged over processes so that N processes train exactly like one
+        # process with the N-times larger batch (the original divides by each process's own total).
+        nll = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # [B, Q]
+        weights = self.empty_weight.to(logits.dtype)[target_classes]
+        total_weight = all_reduce_sum(weights.sum().detach().clone()) / get_world_size()
+        return {"loss_ce": (weights * nll).sum() / total_weight}
 
     def loss_masks(self, outputs: dict, targets: list[dict], indices: list, num_masks: float) -> dict:
         pred_masks = outputs["pred_masks"]
