@@ -107,7 +107,7 @@ def test_r101c_deep_stem_and_multigrid(r101c):
     for m in r101c.body.layer4.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.weight.fill_(1.0)
-    x = torch.randn(1, 3, 96, 96)
+    x = torch.randn(2, 3, 64, 64)  # the size check_interface ran at: oneDNN reuses its kernels
     for b in r101c.body.layer4:
         b.conv2.dilation = b.conv2.padding = (1, 1)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_swin_tiny_layout_and_parameter_count():
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
     assert rates == pytest.approx(torch.linspace(0, 0.3, 12).tolist())
     assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in blocks] == rates
-    assert [b.shift_size for b in blocks] == [0, 3] * 6
+    assert [b.attn.shift_size for b in blocks] == [0, 3] * 6
 
 
 def test_swin_any_size_and_small_maps():
@@ -204,7 +204,7 @@ def test_swin_any_size_and_small_maps():
     for height, width in [(64, 96), (32, 32), (480, 640)]:
         check_interface(backbone, [32, 64, 128, 256], height, width)
     # Stage 4 (1x1 at 32x32) stays shifted with the full window: only padding, never a smaller window.
-    assert all(b.window_size == 7 for s in backbone.body.layers for b in s.blocks)
+    assert all(b.attn.window_size == 7 for s in backbone.body.layers for b in s.blocks)
 
 
 def test_window_layout_matches_pad_roll_partition():
@@ -233,6 +233,23 @@ def test_swin_trains_after_inference_mode():
     backbone.train()
     sum(f.sum() for f in backbone(x).values()).backward()
     assert backbone.body.patch_embed.proj.weight.grad is not None
+
+
+def test_swin_bf16_autocast_and_export():
+    torch.manual_seed(0)
+    backbone = small_swin().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        reference = backbone(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = backbone(x)
+    for name in reference:
+        assert low[name].dtype == torch.bfloat16
+        torch.testing.assert_close(low[name].float(), reference[name], rtol=0.1, atol=0.1)
+    exported = torch.export.export(backbone, (x,)).module()
+    with torch.no_grad():
+        for name, feature in exported(x).items():
+            torch.testing.assert_close(feature, reference[name])
 
 
 def hf_swin(seed: int = 0, **config):
@@ -284,6 +301,29 @@ def test_small_swin_equals_hf(window_size, sizes):
     ours = swin_like(hf, **config)
     for height, width in sizes:
         assert max_diff_to_hf(hf, ours, torch.randn(2, 3, height, width)) < 1e-4, (height, width)
+
+
+def test_small_swin_gradients_equal_hf():
+    # Padding slots get the qkv bias instead of being projected: the bias must still get their gradient.
+    config = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
+    hf = hf_swin(**config)
+    ours = swin_like(hf, **config)
+    x = torch.randn(2, 3, 96, 160)
+    weights = [torch.randn(2, 32 * 2**i, 96 // 4 // 2**i, 160 // 4 // 2**i) for i in range(4)]
+    sum((f * w).sum() for f, w in zip(hf(x).feature_maps, weights)).backward()
+    sum((f * w).sum() for f, w in zip(ours(x).values(), weights)).backward()
+    for stage in range(4):
+        hf_attn = hf.model.encoder.layers[stage].blocks[1].attention.self
+        our_attn = ours.body.layers[stage].blocks[1].attn
+        hf_grad = torch.cat([hf_attn.query.bias.grad, hf_attn.key.bias.grad, hf_attn.value.bias.grad])
+        torch.testing.assert_close(our_attn.qkv.bias.grad, hf_grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            our_attn.relative_position_bias_table.grad, hf_attn.relative_position_bias_table.grad, rtol=1e-4, atol=1e-4
+        )
+    torch.testing.assert_close(
+        ours.body.patch_embed.proj.weight.grad, hf.model.embeddings.patch_embeddings.projection.weight.grad,
+        rtol=1e-4, atol=1e-3,
+    )
 
 
 def test_swin_hf_key_map_errors():

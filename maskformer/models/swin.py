@@ -59,7 +59,8 @@ class WindowLayout(NamedTuple):
 
     ``gather`` [Hp*Wp]: for each slot of the windowed sequence (windows in row-major order, tokens
     row-major inside a window), the index of the source token in the flattened map.
-    ``padding`` [P] or None: the slots that are padding (their ``gather`` entry is a dummy 0; they must be zeroed).
+    ``padding`` [P] or None: the slots that are padding (their ``gather`` entry is a dummy 0; the caller
+    fills them with what a zero token gives).
     ``scatter`` [H*W]: for each source token, its slot; the inverse of ``gather``.
     ``mask`` [num_windows, 1, N, N] or None: the additive shifted-window attention mask, N = window**2.
     """
@@ -70,66 +71,79 @@ class WindowLayout(NamedTuple):
     mask: Tensor | None
 
 
-@functools.lru_cache(maxsize=32)
 def window_layout(height: int, width: int, window_size: int, shift: int, device: torch.device) -> WindowLayout:
     """The original's pad (right/bottom, to a multiple of the window) -> cyclic shift by ``-shift`` ->
-    window partition, as index tensors, so that a block moves its tokens with one gather and one
-    scatter instead of copying for each step. Cached per size, shift and device (every block of a
-    stage, and every forward at the same size, reuses it).
+    window partition, as index tensors, so that attention moves its tokens with one gather and one
+    scatter instead of a copy for each step. Cached per size, shift and device (every block of a
+    stage, and every forward at the same size, reuses it), except while torch.compile/export traces,
+    where it becomes part of the graph.
     """
+    if _tracing():
+        return _window_layout(height, width, window_size, shift, device)
     # Cached tensors made under inference_mode could not be saved for a later backward.
     with torch.inference_mode(False):
-        return _window_layout(height, width, window_size, shift, device)
+        return _cached_window_layout(height, width, window_size, shift, device)
 
 
 def _window_layout(height: int, width: int, window_size: int, shift: int, device: torch.device) -> WindowLayout:
+    # Built with shape-static operations only, so that tracing needs no data-dependent sizes.
     ws = window_size
     padded_h, padded_w = height + (-height % ws), width + (-width % ws)
     num_tokens = height * width
     # Run the original's steps on a map of token indices; padding holds the out-of-range index num_tokens.
-    index = torch.arange(num_tokens).view(1, height, width, 1)
+    index = torch.arange(num_tokens, device=device).view(1, height, width, 1)
     index = F.pad(index, (0, 0, 0, padded_w - width, 0, padded_h - height), value=num_tokens)
     if shift:
         index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
     gather = window_partition(index, ws).flatten()
     is_padding = gather == num_tokens
-    scatter = torch.empty(num_tokens, dtype=torch.long)
-    scatter[gather[~is_padding]] = torch.nonzero(~is_padding).squeeze(1)
-    padding = torch.nonzero(is_padding).squeeze(1) if bool(is_padding.any()) else None
+    # Token slots first (in slot order), then the padding slots.
+    slots = torch.argsort(is_padding.to(torch.int32), stable=True)
+    token_slots, padding_slots = slots[:num_tokens], slots[num_tokens:]
+    scatter = torch.empty_like(token_slots).index_copy_(0, gather[token_slots], token_slots)
+    padding = padding_slots if padded_h * padded_w > num_tokens else None
     gather = gather.masked_fill(is_padding, 0)
 
     mask = None
     if shift:
         # After the shift a window may hold tokens of up to four regions that are not neighbours in the
         # image; pairs from different regions get -100 (the original's value, not -inf).
-        region = torch.zeros(1, padded_h, padded_w, 1)
+        region = torch.zeros(1, padded_h, padded_w, 1, device=device)
         bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
         for i, rows in enumerate(bands):
             for j, cols in enumerate(bands):
                 region[:, rows, cols, :] = 3 * i + j
         region = window_partition(region, ws).squeeze(-1)  # [num_windows, N]
         different = region.unsqueeze(1) != region.unsqueeze(2)
-        mask = torch.zeros(different.shape).masked_fill_(different, -100.0).unsqueeze(1).to(device)
+        mask = torch.zeros(different.shape, device=device).masked_fill_(different, -100.0).unsqueeze(1)
+    return WindowLayout(gather, padding, scatter, mask)
 
-    def to_device(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(device)
 
-    return WindowLayout(to_device(gather), to_device(padding), to_device(scatter), mask)
+_cached_window_layout = functools.lru_cache(maxsize=32)(_window_layout)
+
+
+def _tracing() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+    return torch.compiler.is_compiling() or is_exporting()
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows with a learned relative position bias (timm's parameter names).
+    """(Shifted) window multi-head self-attention over a [B, H, W, C] map, with a learned relative position bias.
 
-    ``forward(x [B*nW, N, C], mask [nW, 1, N, N] | None) -> [B*nW, N, C]``, N = window_size**2.
+    Computes what the original computes: pad the map right/bottom with zeros to multiples of the window,
+    roll it by ``-shift_size``, attend inside each window (with the shifted-window mask), undo the roll
+    and crop. It is arranged to do less work: the tokens are projected to q/k/v *before* being gathered
+    into windows (a zero padding token's projection is just the qkv bias), and the output projection
+    runs after they are scattered back, so padding costs no matrix products. Parameter names are timm's.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attn_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int = 0, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.window_size = window_size
-        self.attn_drop = attn_drop
+        self.shift_size = shift_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         # Recomputed, never loaded: the official checkpoints carry it, timm's do not.
         self.register_buffer(
@@ -140,27 +154,33 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> Tensor:
-        """[num_heads, N, N]."""
+        """[num_heads, N, N], N = window_size**2."""
         n = self.window_size * self.window_size
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        windows, n, dim = x.shape
-        q, k, v = self.qkv(x).view(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, H, W, C] -> [B, H, W, C]."""
+        B, H, W, C = x.shape
+        n = self.window_size * self.window_size
+        layout = window_layout(H, W, self.window_size, self.shift_size, x.device)
+        qkv = self.qkv(x).reshape(B, H * W, 3 * C).index_select(1, layout.gather)  # [B, Hp*Wp, 3C], window order
+        if layout.padding is not None:
+            qkv[:, layout.padding] = 0.0 if self.qkv.bias is None else self.qkv.bias.to(qkv.dtype)
+        q, k, v = qkv.view(-1, n, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
         attn_bias = self.relative_position_bias().unsqueeze(0)  # [1, heads, N, N]
-        if mask is not None:
-            # The mask depends on the window's position only; repeat it over the batch.
-            num_windows = mask.shape[0]
-            attn_bias = (attn_bias + mask).expand(windows // num_windows, -1, -1, -1, -1).reshape(-1, *attn_bias.shape[1:])
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
-        )
-        return self.proj(x.transpose(1, 2).reshape(windows, n, dim))
+        if layout.mask is not None:
+            # [num_windows, heads, N, N]; the mask depends on the window's position only, so repeat it over B.
+            attn_bias = (attn_bias + layout.mask).expand(B, -1, -1, -1, -1).reshape(-1, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))  # [B*nW, heads, N, C/heads]
+
+        out = out.transpose(1, 2).reshape(B, -1, C).index_select(1, layout.scatter)  # [B, H*W, C], map order
+        return self.proj(out).view(B, H, W, C)
 
 
 class SwinBlock(nn.Module):
-    """LN -> (shifted) window attention -> residual, LN -> MLP -> residual, on [B, H, W, C] maps of any size."""
+    """x + attn(LN(x)), then x + MLP(LN(x)), on [B, H, W, C] maps of any size; drop path on both branches."""
 
     def __init__(
         self,
@@ -173,10 +193,8 @@ class SwinBlock(nn.Module):
         drop_path: float = 0.0,
     ):
         super().__init__()
-        self.window_size = window_size
-        self.shift_size = window_size // 2 if shift else 0
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias)
+        self.attn = WindowAttention(dim, num_heads, window_size, window_size // 2 if shift else 0, qkv_bias)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -184,14 +202,7 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, H, W, C] -> [B, H, W, C]."""
-        B, H, W, C = x.shape
-        layout = window_layout(H, W, self.window_size, self.shift_size, x.device)
-        windows = self.norm1(x).reshape(B, H * W, C).index_select(1, layout.gather)
-        if layout.padding is not None:
-            windows = windows.index_fill_(1, layout.padding, 0.0)  # the original pads with zeros after norm1
-        windows = self.attn(windows.view(-1, self.window_size**2, C), layout.mask)
-        y = windows.view(B, -1, C).index_select(1, layout.scatter).view(B, H, W, C)
-        x = x + self.drop_path1(y)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
