@@ -175,8 +175,11 @@ def test_swin_rejects_timm_kwargs():
 # ------------------------------------------------------------------------------------------------
 
 
-def small_swin(window_size: int = 7, **kwargs) -> Backbone:
-    body = SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=window_size, **kwargs)
+SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
+
+
+def small_swin(**config) -> Backbone:
+    body = SwinTransformer(**{**SMALL_SWIN, **config})
     return Backbone(body, body.out_channels, name="small_swin")
 
 
@@ -305,9 +308,8 @@ def test_small_swin_equals_hf(window_size, sizes):
 
 def test_small_swin_gradients_equal_hf():
     # Padding slots get the qkv bias instead of being projected: the bias must still get their gradient.
-    config = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
-    hf = hf_swin(**config)
-    ours = swin_like(hf, **config)
+    hf = hf_swin(**SMALL_SWIN)
+    ours = swin_like(hf, **SMALL_SWIN)
     x = torch.randn(2, 3, 96, 160)
     weights = [torch.randn(2, 32 * 2**i, 96 // 4 // 2**i, 160 // 4 // 2**i) for i in range(4)]
     sum((f * w).sum() for f, w in zip(hf(x).feature_maps, weights)).backward()
@@ -432,19 +434,20 @@ def test_pretrained_file_other_layouts(tmp_path, resnet18):
     config = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=7)
     classifier = timm.create_model("swin_tiny_patch4_window7_224", **config)
     torch.save(classifier.state_dict(), tmp_path / "timm_swin.pth")
-    backbone = small_swin_from(config)
+    backbone = small_swin(**config)
     load_backbone_weights(backbone, tmp_path / "timm_swin.pth")
     torch.testing.assert_close(backbone.body.layers[1].downsample.reduction.weight,
                                classifier.layers[1].downsample.reduction.weight)
 
-    source = small_swin_from(config)
+    source = small_swin(**config)
     with torch.no_grad():
         source.body.norm2.weight.fill_(3.0)
     torch.save({"model": to_official_swin(source.state_dict())}, tmp_path / "official_swin.pth")
     hf = hf_swin(**config)
     torch.save(hf.state_dict(), tmp_path / "hf_swin.pth")
-    for path, reference in [(tmp_path / "official_swin.pth", source), (tmp_path / "hf_swin.pth", swin_like(hf, **config))]:
-        backbone = small_swin_from(config)
+    references = {"official_swin.pth": source, "hf_swin.pth": swin_like(hf, **config)}
+    for path, reference in ((tmp_path / name, model) for name, model in references.items()):
+        backbone = small_swin(**config)
         load_backbone_weights(backbone, path)
         for key, value in reference.state_dict().items():
             assert torch.equal(backbone.state_dict()[key], value), (path.name, key)
@@ -459,11 +462,6 @@ def test_pretrained_file_other_layouts(tmp_path, resnet18):
         backbone = build_backbone("resnet18", pretrained=tmp_path / name)
         for key, value in resnet18.state_dict().items():
             assert torch.equal(backbone.state_dict()[key], value), (name, key)
-
-
-def small_swin_from(config: dict) -> Backbone:
-    body = SwinTransformer(**config)
-    return Backbone(body, body.out_channels, name="small_swin")
 
 
 def test_pretrained_file_errors(tmp_path):
@@ -488,7 +486,8 @@ def test_pretrained_file_errors(tmp_path):
 
     shapes = tmp_path / "shapes.pth"
     torch.save({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, shapes)
-    with pytest.raises(ValueError, match=r"shape mismatches \(1\): conv1\.weight \(file \[64, 3, 3, 3\], model \[64, 3, 7, 7\]\)"):
+    expected = r"shape mismatches \(1\): conv1\.weight \(file \[64, 3, 3, 3\], model \[64, 3, 7, 7\]\)"
+    with pytest.raises(ValueError, match=expected):
         build_backbone("resnet18", pretrained=shapes)
 
     with pytest.raises(FileNotFoundError, match="nope.pth"):
