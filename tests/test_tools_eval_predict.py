@@ -235,3 +235,30 @@ def test_predict_writes_uint16_labels_for_more_than_255_classes(tmp_path):
     assert rc == 0
     sem = np.asarray(Image.open(tmp_path / "o" / "x_sem.png"))
     assert sem.dtype == np.uint16 and sem.shape == (64, 64) and sem.min() >= 256 and sem.max() < 300
+
+
+def test_eval_under_torchrun_equals_one_process(run, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--config", run["config"], "--weights", run["ckpt"], "--no-progress", "--save-panoptic",
+              "test.panoptic_on=true", "train.num_threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", str(REPO / "tools" / "eval.py"), *common,
+                           "--output-dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 prints and writes
+    assert eval_tool.main(common + ["--output-dir", str(tmp_path / "one")]) == 0
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["images"] == one["images"] == 5
+    assert ddp["sem_seg"] == one["sem_seg"] and ddp["panoptic_seg"] == one["panoptic_seg"]
+    ids = [json.loads((tmp_path / d / "panoptic_predictions.json").read_text())["annotations"] for d in ("ddp", "one")]
+    assert sorted(a["image_id"] for a in ids[0]) == sorted(a["image_id"] for a in ids[1])
