@@ -13,7 +13,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskformer.interop import resnet_d2_to_ours, swin_hf_to_ours, swin_official_to_ours
 from maskformer.models.backbone import Backbone, build_backbone, load_backbone_weights
-from maskformer.models.swin import SwinTransformer, window_layout, window_partition
+from maskformer.models.swin import SWIN_VARIANTS, SwinTransformer, window_layout, window_partition
 
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
@@ -200,6 +200,18 @@ def test_swin_tiny_layout_and_parameter_count():
     assert rates == pytest.approx(torch.linspace(0, 0.3, 12).tolist())
     assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in blocks] == rates
     assert [b.attn.shift_size for b in blocks] == [0, 3] * 6
+
+
+def test_swin_variants_match_timm():
+    for name, architecture in SWIN_VARIANTS.items():
+        with torch.device("meta"):  # no memory, no init cost
+            reference = timm.create_model(name)
+        assert architecture == dict(
+            embed_dim=reference.embed_dim,
+            depths=tuple(len(stage.blocks) for stage in reference.layers),
+            num_heads=tuple(stage.blocks[0].attn.num_heads for stage in reference.layers),
+            window_size=reference.layers[0].blocks[0].attn.window_size[0],
+        ), name
 
 
 def test_swin_any_size_and_small_maps():

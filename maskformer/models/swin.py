@@ -271,7 +271,7 @@ class SwinTransformer(nn.Module):
             strict_img_size=False,
             dynamic_img_pad=True,
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages = []
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             first = sum(depths[:i])
