@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "tta" if cfg.test.aug.enabled else "sliding_window" if cfg.test.sliding_window.enabled else "default"
     if is_main_process():
-        print(f"evaluating {weights} on {metadata.name} ({cfg.data.test.split}, {len(loader.dataset)} images, "
+        total = len(loader.dataset) if cfg.test.max_images <= 0 else min(len(loader.dataset), cfg.test.max_images)
+        print(f"evaluating {weights} on {metadata.name} ({cfg.data.test.split}, {total} images, "
               f"inference: {mode}, {world_size} process(es), device {device})", flush=True)
     start = time.perf_counter()
     try:

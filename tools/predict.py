@@ -17,6 +17,8 @@
   higher score) and ``<stem>_inst.json`` (id, category ids, name, score, area, bbox and the full,
   overlapping mask as COCO RLE) for the instances with score >= ``--score-threshold`` that are visible.
 
+Config overrides (``section.key=value``, e.g. ``data.min_size_test=640``) go right after the script
+name or after the last option, never straight after ``--input`` (which takes several values).
 Inputs that cannot be read are reported (file and reason) and skipped. Exit status: 0 if at least
 one image was processed, 1 if none was or no input matched (or the checkpoint does not fit), 2 for
 a bad config or command line.
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     cfg.model.backbone.pretrained = False  # every weight comes from the checkpoint: no download
     try:
         model = build_model(cfg, weights).to(device)
