@@ -277,10 +277,11 @@ def test_build_inference_chooses_and_refuses():
         build_inference(_window_cfg([64, 64], [65, 32]))
 
 
-def test_tta_through_evaluate_on_shapes_reads_the_files():
+def test_tta_through_evaluate_on_shapes_reads_the_files(tmp_path):
     # End to end with the real test loader: images resized to 48 by the mapper, TTA re-reads the
     # 64x64 originals from disk; TTA at the mapper's size without flip gives the default metrics.
-    cfg = tiny_config("model.num_classes=7", "data.test.options={num_images: 3, image_size: 64}",
+    cfg = tiny_config("model.num_classes=7", "data.test.split=val", f"data.test.root={tmp_path}",
+                      "data.test.options={num_images: 3, image_size: 64}",
                       "data.num_workers=0", "data.min_size_test=48", "data.max_size_test=1000")
     net = build_maskformer(cfg).eval()
     loader = build_test_loader(cfg)
