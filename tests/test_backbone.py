@@ -457,7 +457,11 @@ def test_pretrained_file_other_layouts(tmp_path, resnet18):
     torch.save({"model": to_official_swin(source.state_dict())}, tmp_path / "official_swin.pth")
     hf = hf_swin(**config)
     torch.save(hf.state_dict(), tmp_path / "hf_swin.pth")
-    references = {"official_swin.pth": source, "hf_swin.pth": swin_like(hf, **config)}
+    full_hf = {f"model.pixel_level_module.encoder.{k}": v for k, v in hf.state_dict().items()}
+    full_hf["model.transformer_module.queries_embedder.weight"] = torch.zeros(100, 256)
+    torch.save(full_hf, tmp_path / "hf_maskformer.pth")
+    hf_reference = swin_like(hf, **config)
+    references = {"official_swin.pth": source, "hf_swin.pth": hf_reference, "hf_maskformer.pth": hf_reference}
     for path, reference in ((tmp_path / name, model) for name, model in references.items()):
         backbone = small_swin(**config)
         load_backbone_weights(backbone, path)

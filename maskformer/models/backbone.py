@@ -210,7 +210,8 @@ def load_backbone_weights(backbone: Backbone, path: Union[str, os.PathLike]) -> 
 
     The file holds a state dict (plain, or under a ``"model"`` or ``"state_dict"`` key) in one of these
     layouts, detected from its keys: timm's (e.g. a saved ``timm.create_model(...).state_dict()``),
-    this package's ``Backbone.state_dict()``, a full checkpoint whose ``backbone.*`` keys are taken,
+    this package's ``Backbone.state_dict()``, a full checkpoint whose ``backbone.*`` (or HF
+    ``model.pixel_level_module.encoder.*``) keys are taken,
     detectron2/official ResNet (``stem.conv1``, ``res2.0.conv1``...), and for Swin the official
     (``layers.i.downsample`` at the end of stage i) or Hugging Face ``MaskFormerSwinBackbone`` layout.
     Classifier heads (``fc.*``, ``head.*``, ``classifier.*``), Swin's final ``norm.*`` and recomputed
@@ -245,8 +246,10 @@ def _to_body_layout(state_dict: Mapping[str, Tensor], backbone: Backbone) -> dic
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):  # saved from DistributedDataParallel
         state_dict = _strip_prefix(state_dict, "module.")
-    if any(k.startswith("backbone.") for k in state_dict):  # a whole segmentation model
-        state_dict = _strip_prefix(state_dict, "backbone.")
+    for prefix in ("backbone.", "model.pixel_level_module.encoder."):  # a whole model (ours/official, HF)
+        if any(k.startswith(prefix) for k in state_dict):
+            state_dict = _strip_prefix(state_dict, prefix)
+            break
     converted: dict[str, Tensor] | None = None
     if isinstance(backbone.body, SwinTransformer):
         if any(k.startswith(("model.embeddings.", "hidden_states_norms.")) for k in state_dict):
