@@ -517,7 +517,13 @@ def _check_partial(data: Any, cls: type, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{dotted}': {err}") from None
 
 
-def _build(cls: type, data: dict) -> Any:
+def _build(cls: type, data: dict, base: Any = None) -> Any:
+    """``base`` (default ``cls()``) with the values in ``data`` applied, recursively.
+
+    Nested sections start from their parent's default, not their own class default: a partial
+    ``data.test`` mapping keeps ``data.test.split: val`` even though ``DatasetConfig()`` says "train".
+    """
+    base = cls() if base is None else base
     hints = _hints(cls)
     kwargs = {}
     for name in _fields(cls):
@@ -525,8 +531,11 @@ def _build(cls: type, data: dict) -> Any:
             continue
         tp = hints[name]
         value = data[name]
-        kwargs[name] = _build(tp, value) if dataclasses.is_dataclass(tp) else _coerce(value, tp, name)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, getattr(base, name))
+        else:
+            kwargs[name] = _coerce(value, tp, name)
+    return dataclasses.replace(base, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

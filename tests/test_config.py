@@ -67,6 +67,12 @@ def test_overrides_are_parsed_as_yaml():
     assert config_from_dict({}, ["model.backbone.pretrained=/w/r50.pth"]).model.backbone.pretrained == "/w/r50.pth"
 
 
+def test_partial_nested_sections_keep_their_parents_defaults():
+    cfg = config_from_dict({"data": {"test": {"options": {"num_images": 4}}}}, ["data.train.options={a: 1}"])
+    assert cfg.data.test.split == "val" and cfg.data.test.options == {"num_images": 4}
+    assert cfg.data.train.split == "train" and cfg.data.train.options == {"a": 1}
+
+
 def test_load_config_applies_overrides_after_files(tmp_path):
     path = _write(tmp_path / "c.yaml", {"model": {"num_classes": 3}})
     assert load_config(path, ["model.num_classes=5"]).model.num_classes == 5
