@@ -10,7 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
+from maskformer.data.transforms import resize_shortest_edge_shape
 from maskformer.inference import postprocess
 
 
@@ -62,14 +65,11 @@ def load_image(image: Any) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
-    """detectron2's ``ResizeShortestEdge`` size: short side to ``short``, long side capped at ``max_size``."""
-    scale = short / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        scale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The test mapper's resize of a uint8 [..., 3, H, W] image: bilinear with antialiasing (no-op at the same size)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def pad_to_multiple(images: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -86,13 +86,11 @@ def predict(model, image: Any, *, panoptic: bool = False, instance: bool = False
     settings = model.inference
     rgb = load_image(image)
     orig_size = tuple(rgb.shape[-2:])
-    size = shortest_edge_size(*orig_size, settings.min_size_test, settings.max_size_test)
+    # Exactly what evaluation does: the test mapper's resize, the collator's normalisation and padding.
+    size = resize_shortest_edge_shape(*orig_size, settings.min_size_test, settings.max_size_test)
     device = model.pixel_mean.device
-    x = rgb.to(device=device, dtype=torch.float32)[None]
-    if size != orig_size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    x = (x - model.pixel_mean) / model.pixel_std
-    x = pad_to_multiple(x, max(model.size_divisibility, 32))
+    x = resize_image(rgb, size).to(device)[None].float()
+    x = pad_to_multiple((x - model.pixel_mean) / model.pixel_std, model.size_divisibility)
     was_training = model.training
     model.eval()
     try:

@@ -16,13 +16,13 @@ from maskformer.data.metadata import DatasetMetadata
 from maskformer.data.transforms import resize_shortest_edge_shape
 from maskformer.engine.evaluate import default_inference, evaluate
 from maskformer.engine.tta import (
-    _resize_uint8,
     build_inference,
     sliding_window_inference,
     tta_inference,
     window_starts,
 )
 from maskformer.models.build import build_maskformer
+from maskformer.predict import resize_image
 from tests.conftest import tiny_config
 
 META = DatasetMetadata(name="toy", class_names=["a", "b", "c", "d"], is_thing=[False, False, True, True])
@@ -41,7 +41,7 @@ def _batch(images, min_size, max_size=10_000, divisibility=32, with_original=Tru
     for i, img in enumerate(images):
         orig = tuple(img.shape[-2:])
         size = resize_shortest_edge_shape(*orig, min_size, max_size)
-        resized = _resize_uint8(img, size)
+        resized = resize_image(img, size)
         s = {"image": resized, "image_size": size, "orig_size": orig, "labels": torch.zeros(0, dtype=torch.int64),
              "masks": torch.zeros(0, *size, dtype=torch.bool), "image_id": i}
         if with_original:

@@ -43,7 +43,7 @@ from maskformer.data.metadata import DatasetMetadata
 from maskformer.data.transforms import resize_shortest_edge_shape
 from maskformer.engine.evaluate import autocast_context, default_inference
 from maskformer.inference import postprocess, resize_to_original
-from maskformer.predict import pad_to_multiple
+from maskformer.predict import pad_to_multiple, resize_image
 
 __all__ = [
     "InferenceFn",
@@ -141,13 +141,6 @@ def original_image(sample: dict, orig_size: tuple[int, int]) -> torch.Tensor:
     return image
 
 
-def _resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The test mapper's resize: bilinear with antialiasing on uint8 (a no-op at the same size)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # Test-time augmentation
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +153,7 @@ def _tta_scores(model, image: torch.Tensor, *, min_sizes, max_size: int, flip: b
     total, passes = None, 0
     for short in min_sizes:
         size = resize_shortest_edge_shape(*orig_size, short, max_size)
-        resized = _resize_uint8(image, size)
+        resized = resize_image(image, size)
         # The flipped copy has the same size: one forward pass for both.
         views = torch.stack([resized, resized.flip(-1)]) if flip else resized[None]
         # uint8 to the device (4x less to copy than float); the arithmetic is the collator's, exactly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -109,6 +110,10 @@ def build_model(config: Config | str | os.PathLike, weights: str | os.PathLike |
         if overrides:
             raise ValueError("overrides apply to a config path; edit the Config object directly instead")
         cfg = config
+    if weights is not None and cfg.model.backbone.pretrained:
+        # The checkpoint replaces every weight: don't download or read backbone weights first.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, backbone=dataclasses.replace(cfg.model.backbone, pretrained=False)))
     model = build_maskformer(cfg)
     if weights is not None:
         from maskformer.checkpoint import load_model_weights
