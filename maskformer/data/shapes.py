@@ -1,9 +1,10 @@
 """``shapes``: a small synthetic panoptic dataset that needs no download (the demo's and the tests' default).
 
-Each image shows 1-3 *stuff* regions, told apart by texture (their tints are random), under 2-5
-overlapping *thing* instances, told apart by shape (their colours are random):
+Each image shows 1-3 *stuff* regions, told apart by texture and a per-class range of tints, under
+2-5 overlapping *thing* instances, told apart by shape only (their colours are random):
 
-- stuff: ``sky`` (smooth brightness gradient), ``grass`` (fine vertical streaks), ``floor`` (checker tiles);
+- stuff: ``sky`` (smooth brightness gradient, blue-cyan), ``grass`` (fine vertical streaks,
+  yellow-green), ``floor`` (checker tiles, red-brown), each with random hue/saturation/value within its range;
 - things: ``circle``, ``square``, ``triangle``, ``cross`` with random size (16-36 % of the image side),
   rotation and colour; every instance keeps at least 55 % of its area visible and at least
   ~1 % of the image (12x12 px at 128x128).
@@ -39,7 +40,7 @@ SHAPES_CLASSES = ["sky", "grass", "floor", "circle", "square", "triangle", "cros
 SHAPES_THINGS = [False, False, False, True, True, True, True]
 SHAPES_COLORS = [(70, 130, 180), (107, 142, 35), (152, 120, 90), (220, 20, 60), (255, 160, 0), (0, 170, 160), (150, 60, 220)]
 _NUM_STUFF = 3
-_VERSION = 1
+_VERSION = 2
 _DEFAULT_NUM_IMAGES = {"train": 2000}
 _DEFAULT_NUM_IMAGES_OTHER = 200
 
@@ -60,13 +61,25 @@ def shapes_metadata(root: str | None = None, split: str = "train", **options) ->
 # ------------------------------------------------------------------------------------------------
 
 
-def _random_color(rng: np.random.Generator, sat=(0.25, 0.95), val=(0.35, 0.95)) -> np.ndarray:
-    h, s, v = rng.random(), rng.uniform(*sat), rng.uniform(*val)
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
     i = int(h * 6) % 6
     f = h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
     return np.array(rgb) * 255.0
+
+
+def _random_color(rng: np.random.Generator, sat=(0.25, 0.95), val=(0.35, 0.95)) -> np.ndarray:
+    return _hsv(rng.random(), rng.uniform(*sat), rng.uniform(*val))
+
+
+# Each stuff class has its own range of hues (as real sky, grass and floors do) on top of its
+# texture; things take any colour, so only their shape tells them apart.
+_STUFF_HUES = {0: (0.50, 0.68), 1: (0.17, 0.42), 2: (0.97, 1.12)}
+
+
+def _stuff_color(cls: int, rng: np.random.Generator) -> np.ndarray:
+    return _hsv(rng.uniform(*_STUFF_HUES[cls]) % 1.0, rng.uniform(0.3, 0.9), rng.uniform(0.4, 0.95))
 
 
 def _stuff_layout(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
@@ -91,7 +104,7 @@ def _stuff_layout(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.nd
 
 
 def _stuff_texture(cls: int, rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    color = _random_color(rng)
+    color = _stuff_color(cls, rng)
     if cls == 0:  # sky: smooth gradient along a random direction
         theta = rng.uniform(0, 2 * np.pi)
         ramp = np.cos(theta) * xx + np.sin(theta) * yy
@@ -103,12 +116,12 @@ def _stuff_texture(cls: int, rng: np.random.Generator, size: int, yy: np.ndarray
         offset = (3 * np.sin(2 * np.pi * yy * rng.uniform(1, 3) + rng.uniform(0, 6))).astype(np.int64)
         idx = np.clip((xx * (size - 1)).astype(np.int64) + offset + 4, 0, size + 7)
         return color[None, None] * columns[idx][..., None]
-    # floor: checker tiles, the second shade darker and hue-shifted
+    # floor: checker tiles, the second shade darker and slightly hue-shifted
     tile = int(rng.integers(max(size // 16, 4), max(size // 8, 6) + 1))
     py, px = rng.integers(0, tile, size=2)
     iy = ((yy * (size - 1)).astype(np.int64) + py) // tile
     ix = ((xx * (size - 1)).astype(np.int64) + px) // tile
-    other = 0.55 * color + 0.25 * _random_color(rng)
+    other = 0.6 * color + 0.15 * _random_color(rng)
     return np.where(((iy + ix) % 2 == 0)[..., None], color[None, None], other[None, None])
 
 
