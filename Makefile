@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) tools/train.py --config configs/demo/shapes_tiny.yaml
+	$(PY) tools/demo.py
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py
