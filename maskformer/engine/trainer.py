@@ -109,6 +109,9 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[
         images = images.contiguous(memory_format=torch.channels_last)
     targets = [{"labels": t["labels"].to(device, non_blocking=True), "masks": t["masks"].to(device, non_blocking=True)}
                for t in batch["targets"]]
+    if "sem_seg" in batch:  # per-pixel losses (the paper's baselines) read the label map
+        for target, sem_seg in zip(targets, batch["sem_seg"]):
+            target["sem_seg"] = sem_seg.to(device, non_blocking=True)
     return images, targets
 
 
@@ -120,7 +123,7 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     if size % parts:
         raise ValueError(f"a batch of {size} images cannot be split into {parts} micro-batches")
     step = size // parts
-    return [{"images": batch["images"][i:i + step], "targets": batch["targets"][i:i + step]}
+    return [{key: batch[key][i:i + step] for key in ("images", "targets", "sem_seg") if key in batch}
             for i in range(0, size, step)]
 
 
