@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["swin_hf_to_ours", "swin_official_to_ours", "resnet_d2_to_ours"]
+__all__ = ["swin_hf_to_ours", "swin_official_to_ours", "resnet_d2_to_ours", "resnet_hf_to_ours"]
 
 BODY = "body."
 
@@ -182,3 +182,35 @@ def resnet_d2_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         (r"(stem\.fc|fc|fc1000)\.(weight|bias)", _drop),
     ]
     return _apply_rules(state_dict, rules, "detectron2 ResNet state dict")
+
+
+def resnet_hf_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``transformers.ResNetBackbone`` / ``ResNetModel`` keys -> ours (timm's ResNet names).
+
+    ``embedder.embedder.{convolution,normalization}`` -> ``conv1``/``bn1``;
+    ``encoder.stages.s.layers.l.layer.k`` -> ``layer{s+1}.{l}.conv{k+1}``/``bn{k+1}`` (basic and
+    bottleneck blocks alike); ``...shortcut`` -> ``downsample.0``/``downsample.1``. BatchNorm's
+    ``num_batches_tracked`` is kept (our frozen BatchNorm ignores it); a classifier is dropped.
+    """
+    rules: list[Rule] = [
+        (r"embedder\.embedder\.convolution\.weight", lambda m: "conv1.weight"),
+        (rf"embedder\.embedder\.normalization\.{_NORM_TENSORS}", lambda m: f"bn1.{m[1]}"),
+        (
+            r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.weight",
+            lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}.weight",
+        ),
+        (
+            rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.{_NORM_TENSORS}",
+            lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}.{m[4]}",
+        ),
+        (
+            r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.weight",
+            lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.weight",
+        ),
+        (
+            rf"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.{_NORM_TENSORS}",
+            lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}",
+        ),
+        (r"classifier\.\d+\.(weight|bias)", _drop),
+    ]
+    return _apply_rules(state_dict, rules, "HF ResNet state dict")

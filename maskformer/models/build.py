@@ -47,6 +47,10 @@ def build_predictor(cfg: ModelConfig, in_channels: int) -> TransformerPredictor:
 def build_maskformer(cfg: Config) -> MaskFormer:
     """The network described by ``cfg.model`` (random weights unless the backbone is pretrained)."""
     m = cfg.model
+    if m.architecture != "maskformer":  # the paper's per-pixel baselines (maskformer/models/per_pixel.py)
+        from maskformer.models.per_pixel import build_per_pixel_model
+
+        return build_per_pixel_model(cfg)
     backbone = build_backbone(m)
     channels = [backbone.out_channels[f] for f in ("res2", "res3", "res4", "res5")]
     pixel_decoder = build_pixel_decoder(m, channels)
@@ -87,6 +91,10 @@ def build_matcher(cfg: Config) -> nn.Module:
 
 def build_criterion(cfg: Config) -> SetCriterion:
     loss, m = cfg.loss, cfg.model
+    if m.architecture != "maskformer":  # per-pixel cross-entropy (maskformer/models/per_pixel.py)
+        from maskformer.models.per_pixel import build_per_pixel_criterion
+
+        return build_per_pixel_criterion(cfg)
     weight_dict = build_weight_dict(loss.class_weight, loss.mask_weight, loss.dice_weight, m.dec_layers,
                                     m.deep_supervision)
     return SetCriterion(m.num_classes, build_matcher(cfg), weight_dict, eos_coef=loss.no_object_weight,
@@ -100,10 +108,16 @@ def build_model(config: Config | str | os.PathLike, weights: str | os.PathLike |
     """The notebook entry point: a config (object or YAML path) -> a ready model in eval mode.
 
     Args:
-        config: a :class:`Config`, or a path to a YAML config.
-        weights: optional checkpoint to load (a checkpoint of this project; see ``maskformer.checkpoint``).
-        overrides: dotted ``section.key=value`` overrides (only with a path).
+        config: a :class:`Config`, a path to a YAML config, or a model-zoo name such as
+            ``"maskformer_swin_tiny_ade20k"`` (see ``maskformer.zoo``).
+        weights: optional checkpoint to load: this project's, or an official ``.pkl`` / Hugging Face
+            checkpoint (converted on the fly); with a zoo name also ``"download"`` (cached download).
+        overrides: dotted ``section.key=value`` overrides (only with a path or a zoo name).
     """
+    from maskformer import zoo
+
+    if zoo.is_model_name(config):
+        config, overrides, weights = zoo.resolve_model(config, weights, overrides)
     if isinstance(config, (str, Path, os.PathLike)):
         cfg = load_config(config, overrides)
     else:
