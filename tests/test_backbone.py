@@ -512,3 +512,14 @@ def test_pretrained_file_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pkl: cannot read a torch state dict"):
         build_backbone("resnet18", pretrained=str(garbage))
+
+
+def test_dilated_resnet_keeps_a_finer_res5_grid():
+    backbone = build_backbone("resnet18", freeze_bn=False, output_stride=16)
+    assert backbone.out_strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 16}
+    feats = backbone(torch.randn(1, 3, 64, 96))
+    assert feats["res5"].shape[-2:] == (4, 6) and feats["res4"].shape[-2:] == (4, 6)
+    assert feats["res5"].shape[1] == 512
+    eight = build_backbone("resnet18", freeze_bn=False, output_stride=8)
+    assert eight.out_strides == {"res2": 4, "res3": 8, "res4": 8, "res5": 8}
+    assert eight(torch.randn(1, 3, 64, 64))["res5"].shape[-2:] == (8, 8)

@@ -65,6 +65,7 @@ class Backbone(nn.Module):
         name: str = "",
         feature_indices: Sequence[int] | None = None,
         channels_last_output: bool = False,
+        strides: Sequence[int] = FEATURE_STRIDES,
     ):
         super().__init__()
         if len(channels) != len(FEATURE_NAMES):
@@ -73,7 +74,7 @@ class Backbone(nn.Module):
         self.name = name
         self.out_features = list(FEATURE_NAMES)
         self.out_channels = dict(zip(FEATURE_NAMES, (int(c) for c in channels)))
-        self.out_strides = dict(zip(FEATURE_NAMES, FEATURE_STRIDES))
+        self.out_strides = dict(zip(FEATURE_NAMES, (int(v) for v in strides)))
         self.size_divisibility = 32
         self.feature_indices = list(feature_indices) if feature_indices is not None else None
         self.channels_last_output = channels_last_output
@@ -151,21 +152,28 @@ def _build_timm(name: str, pretrained: bool, drop_path_rate: float, timm_kwargs:
     body = _create_features_model(name, **kwargs)
     reductions = list(body.feature_info.reduction())
     channels = list(body.feature_info.channels())
-    indices = []
-    for stride in FEATURE_STRIDES:
-        at_stride = [i for i, r in enumerate(reductions) if r == stride]
+    # timm's output_stride=16 (or 8) dilates the last stage(s) instead of striding them (DeepLab):
+    # res5 (and res4) then keep a finer grid, e.g. for small images.
+    output_stride = int(timm_kwargs.get("output_stride", 32))
+    wanted = [min(stride, output_stride) for stride in FEATURE_STRIDES]
+    indices: list[int] = []
+    for level, stride in enumerate(wanted):
+        at_stride = [i for i, r in enumerate(reductions) if r == stride and (not indices or i > indices[-1])]
         if not at_stride:
             raise ValueError(
                 f"timm model '{name}' offers feature maps at strides {reductions}; "
-                f"MaskFormer needs strides {list(FEATURE_STRIDES)}"
+                f"MaskFormer needs strides {wanted}"
             )
-        indices.append(at_stride[-1])  # the deepest map at that stride
+        # The deepest map at that stride, unless a later level needs a map at the same stride.
+        later_same = wanted[level + 1:].count(stride)
+        indices.append(at_stride[-1 - later_same] if len(at_stride) > later_same else at_stride[0])
     return Backbone(
         body,
         [channels[i] for i in indices],
         name=name,
         feature_indices=None if indices == list(range(len(reductions))) else indices,
         channels_last_output=getattr(body, "output_fmt", "NCHW") == "NHWC",
+        strides=wanted,
     )
 
 
