@@ -169,7 +169,9 @@ def postprocess(
     results are computed on logits cropped and resized first (as the original forces for panoptic).
 
     Args:
-        outputs: the model's {"pred_logits": [B,Q,K+1], "pred_masks": [B,Q,h,w]}.
+        outputs: the model's {"pred_logits": [B,Q,K+1], "pred_masks": [B,Q,h,w]}, or a per-pixel
+            baseline's {"pred_sem_seg": [B,K,h,w]} (semantic only: its "sem_seg" are the class
+            logits upsampled, cropped and resized, not probabilities, as the original returns them).
         image_sizes: per image, (h, w) before padding (at network resolution).
         orig_sizes: per image, the (H0, W0) to return results at.
         padded_size: (Hp, Wp) of the input batch; default 4x the mask size.
@@ -177,6 +179,19 @@ def postprocess(
         per image: {"sem_seg": [K,H0,W0] scores} and/or {"panoptic_seg": (int32 [H0,W0], segments_info)}
         and/or {"instances": {"masks", "scores", "labels"}}.
     """
+    if "pred_sem_seg" in outputs:  # per-pixel baselines (maskformer/models/per_pixel.py)
+        if panoptic or instance:
+            raise ValueError("per-pixel baseline models (model.architecture per_pixel_baseline / "
+                             "per_pixel_baseline_plus) do semantic segmentation only: set test.panoptic_on and "
+                             "test.instance_on to false (and do not ask predict for panoptic/instance results)")
+        scores = outputs["pred_sem_seg"]
+        # Exactly 4x, then crop (the original's scale_factor=4); the padded size when it is a multiple of 4.
+        size = (scores.shape[-2] * 4, scores.shape[-1] * 4)
+        results = []
+        for i in range(scores.shape[0]):
+            logits = F.interpolate(scores[i : i + 1].float(), size=size, mode="bilinear", align_corners=False)[0]
+            results.append({"sem_seg": resize_to_original(logits, image_sizes[i], orig_sizes[i])} if semantic else {})
+        return results
     if (panoptic or instance) and is_thing is None:
         raise ValueError("panoptic and instance post-processing need is_thing (the dataset's thing flags)")
     pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
