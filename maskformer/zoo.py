@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
 
-__all__ = ["ZooEntry", "UnknownModelError", "list_models", "get_entry", "resolve_model", "download_weights", "is_model_name",
-           "CONFIG_ROOT", "DOWNLOAD_ROOT"]
+__all__ = ["ZooEntry", "UnknownModelError", "list_models", "get_entry", "resolve_model", "download_weights",
+           "is_model_name", "file_md5", "CONFIG_ROOT", "DOWNLOAD_ROOT"]
 
 DOWNLOAD_ROOT = "https://dl.fbaipublicfiles.com/maskformer"
 # The configs live next to the package in a source checkout (they are not installed with it).

@@ -197,7 +197,7 @@ OFFICIAL_CASES = {
     "r50-fpn-v1": ("r50-fpn", True, False, 4),
     "r50-6enc-v2": ("r50-6enc", False, True, 4),
     "swinT-fpn-v2": ("swinT-fpn", False, False, 5),
-    "swinT-fpn-v1": ("swinT-fpn", True, False, 2),
+    "swinT-fpn-v1": ("swinT-fpn", True, False, 4),
 }
 
 

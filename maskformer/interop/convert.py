@@ -203,7 +203,8 @@ def _unwrap(path: Path, obj: Any, file_format: str, hf_config: dict | None) -> S
         if isinstance(value, Tensor):
             state_dict[key] = value
         elif isinstance(value, (np.ndarray, np.generic)):
-            state_dict[key] = torch.from_numpy(np.array(value))  # a copy: pickled arrays may be read-only
+            array = value if isinstance(value, np.ndarray) and value.flags.writeable else np.array(value)
+            state_dict[key] = torch.from_numpy(array)  # shares the unpickled array's memory
         else:
             raise CheckpointError(f"{path}: '{key}' holds a {type(value).__name__}, not a tensor or numpy array")
     return SourceFile(str(path), state_dict, file_format, hf_config, extras)
@@ -350,20 +351,19 @@ def official_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
                               f"{_listing(list(backbone), 8)}")
     out = {"backbone." + k: v for k, v in _without_bn_counters(body).items()}
 
-    pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
-    dec = pr + "transformer.decoder."
+    pd, pr = re.escape("sem_seg_head.pixel_decoder."), re.escape("sem_seg_head.predictor.")
+    dec = pr + re.escape("transformer.decoder.")
     rules: list[Rule] = [
         (r"criterion\.empty_weight|pixel_mean|pixel_std", _drop),
-        (rf"{re.escape(pd)}transformer\.encoder\.layers\.(\d+)\.(.+)",
+        (rf"{pd}transformer\.encoder\.layers\.(\d+)\.(.+)",
          lambda m: f"pixel_decoder.transformer.layers.{m[1]}.{m[2]}"),
-        (rf"{re.escape(pd)}transformer\.encoder\.norm\.(weight|bias)", lambda m: f"pixel_decoder.transformer.norm.{m[1]}"),
-        (rf"{re.escape(pd)}((?:adapter|layer)_\d|mask_features|input_proj)\.(.+)",
-         lambda m: f"pixel_decoder.{m[1]}.{m[2]}"),
-        (rf"{re.escape(dec)}layers\.(\d+)\.multihead_attn\.(.+)", lambda m: f"predictor.decoder.layers.{m[1]}.cross_attn.{m[2]}"),
-        (rf"{re.escape(dec)}layers\.(\d+)\.((?:self_attn|linear1|linear2|norm1|norm2|norm3)\..+)",
+        (rf"{pd}transformer\.encoder\.norm\.(weight|bias)", lambda m: f"pixel_decoder.transformer.norm.{m[1]}"),
+        (rf"{pd}((?:adapter|layer)_\d|mask_features|input_proj)\.(.+)", lambda m: f"pixel_decoder.{m[1]}.{m[2]}"),
+        (rf"{dec}layers\.(\d+)\.multihead_attn\.(.+)", lambda m: f"predictor.decoder.layers.{m[1]}.cross_attn.{m[2]}"),
+        (rf"{dec}layers\.(\d+)\.((?:self_attn|linear1|linear2|norm1|norm2|norm3)\..+)",
          lambda m: f"predictor.decoder.layers.{m[1]}.{m[2]}"),
-        (rf"{re.escape(dec)}norm\.(weight|bias)", lambda m: f"predictor.decoder.norm.{m[1]}"),
-        (rf"{re.escape(pr)}(query_embed|input_proj|class_embed|mask_embed)\.(.+)", lambda m: f"predictor.{m[1]}.{m[2]}"),
+        (rf"{dec}norm\.(weight|bias)", lambda m: f"predictor.decoder.norm.{m[1]}"),
+        (rf"{pr}(query_embed|input_proj|class_embed|mask_embed)\.(.+)", lambda m: f"predictor.{m[1]}.{m[2]}"),
     ]
     out.update(_rename(rest, rules, "official MaskFormer checkpoint"))
     return out
@@ -406,7 +406,8 @@ def hf_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     else:
         raise CheckpointError(
             "Hugging Face checkpoint: the backbone ('model.pixel_level_module.encoder.*') is neither "
-            f"MaskFormer-Swin nor transformers' ResNet (timm backbones are not supported): {_listing(list(backbone), 8)}"
+            "MaskFormer-Swin nor transformers' ResNet (timm backbones are not supported): "
+            + _listing(list(backbone), 8)
         )
     out = {"backbone." + k: v for k, v in _without_bn_counters(body).items()}
 
@@ -437,10 +438,13 @@ def hf_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         (r"criterion\.empty_weight", _drop),
         (rf"{fpn}stem\.0\.weight", lambda m: "pixel_decoder.layer_4.weight"),
         (rf"{fpn}stem\.1\.(weight|bias)", lambda m: f"pixel_decoder.layer_4.norm.{m[1]}"),
+        # HF's FPN layers run top-down (res4, res3, res2): layers.j is level 3 - j of the original.
         (rf"{fpn}layers\.([0-2])\.proj\.0\.weight", lambda m: f"pixel_decoder.adapter_{3 - int(m[1])}.weight"),
-        (rf"{fpn}layers\.([0-2])\.proj\.1\.(weight|bias)", lambda m: f"pixel_decoder.adapter_{3 - int(m[1])}.norm.{m[2]}"),
+        (rf"{fpn}layers\.([0-2])\.proj\.1\.(weight|bias)",
+         lambda m: f"pixel_decoder.adapter_{3 - int(m[1])}.norm.{m[2]}"),
         (rf"{fpn}layers\.([0-2])\.block\.0\.weight", lambda m: f"pixel_decoder.layer_{3 - int(m[1])}.weight"),
-        (rf"{fpn}layers\.([0-2])\.block\.1\.(weight|bias)", lambda m: f"pixel_decoder.layer_{3 - int(m[1])}.norm.{m[2]}"),
+        (rf"{fpn}layers\.([0-2])\.block\.1\.(weight|bias)",
+         lambda m: f"pixel_decoder.layer_{3 - int(m[1])}.norm.{m[2]}"),
         (r"model\.pixel_level_module\.decoder\.mask_projection\.(weight|bias)",
          lambda m: f"pixel_decoder.mask_features.{m[1]}"),
         (r"model\.transformer_module\.queries_embedder\.weight", lambda m: "predictor.query_embed.weight"),
