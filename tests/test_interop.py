@@ -8,7 +8,6 @@ weights from ``transformers`` configs (no download) and are the independent nume
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import os
@@ -105,7 +104,7 @@ def _official_backbone_key(key: str, deep_stem: bool) -> str:
         if parts[2] == "downsample":
             parts[1] = str(int(parts[1]) - 1)
         return ".".join(parts)
-    if parts[0] in ("patch_embed",) or parts[0].startswith("norm"):
+    if parts[0] == "patch_embed" or parts[0].startswith("norm"):
         return key
     if parts[0] == "conv1" and deep_stem:  # timm's deep stem conv1.{0,1,3,4,6} -> stem.conv{1,2,3}[.norm]
         index, tensor = parts[1], parts[2]
@@ -170,8 +169,7 @@ def assert_same_weights(expected: dict, got: dict) -> None:
     assert not different, different[:5]
 
 
-# Source models (built once): the official combinations of backbone and pixel decoder.
-_SOURCES: dict[str, tuple] = {}
+# Source models (built once per module): the official combinations of backbone and pixel decoder.
 SOURCE_SPECS = {
     "r50-fpn": ("resnet50", [], 150),  # ADE20K semantic
     "r50-6enc": ("resnet50", ENC, 133),  # COCO panoptic "R50 + 6 Enc"
@@ -180,16 +178,23 @@ SOURCE_SPECS = {
 X = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
 
 
-def official_source(name: str):
-    """(config, randomised model, its state dict, its outputs on X) for ``SOURCE_SPECS[name]``."""
-    if name not in _SOURCES:
-        backbone, extra, num_classes = SOURCE_SPECS[name]
-        cfg = small_config(backbone, *extra, num_classes=num_classes)
-        model = randomize_(build_maskformer(cfg), seed=len(_SOURCES)).eval()
-        reference = run(model, X)
-        assert torch.isfinite(reference["pred_masks"]).all()
-        _SOURCES[name] = (cfg, model, model.state_dict(), reference)
-    return _SOURCES[name]
+@pytest.fixture(scope="module")
+def official_source():
+    """name -> (config, randomised model, its state dict, its outputs on X) for ``SOURCE_SPECS[name]``."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            backbone, extra, num_classes = SOURCE_SPECS[name]
+            cfg = small_config(backbone, *extra, num_classes=num_classes)
+            model = randomize_(build_maskformer(cfg), seed=len(cache)).eval()
+            reference = run(model, X)
+            assert torch.isfinite(reference["pred_masks"]).all()
+            cache[name] = (cfg, model, model.state_dict(), reference)
+        return cache[name]
+
+    yield get
+    cache.clear()
 
 
 OFFICIAL_CASES = {
@@ -202,7 +207,7 @@ OFFICIAL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(OFFICIAL_CASES))
-def test_official_pkl_converts_to_identical_model(tmp_path, case):
+def test_official_pkl_converts_to_identical_model(tmp_path, official_source, case):
     name, v1, module_prefix, protocol = OFFICIAL_CASES[case]
     cfg, _, expected, reference = official_source(name)
     swin = name.startswith("swin")
@@ -232,7 +237,7 @@ def test_official_pkl_converts_to_identical_model(tmp_path, case):
         assert facts["backbone"]["depths"] == [3, 4, 6, 3]
 
 
-def test_converter_output_loads_back(tmp_path):
+def test_converter_output_loads_back(tmp_path, official_source):
     cfg, _, expected, reference = official_source("r50-fpn")
     pkl = write_pkl(tmp_path / "model_final.pkl", to_official(expected, v1=True))
     out = tmp_path / "converted.pth"
@@ -267,7 +272,7 @@ def test_official_r101c_deep_stem(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def swin_coco_pkl(tmp_path_factory):
+def swin_coco_pkl(tmp_path_factory, official_source):
     """The Swin-T source model with 133 classes (COCO panoptic) in the official layout, v2 names."""
     weights = to_official(official_source("swinT-fpn")[2], v1=False, window_size=7)
     return weights, write_pkl(tmp_path_factory.mktemp("swin") / "swin_coco.pkl", weights)
@@ -564,12 +569,20 @@ def test_hf_weight_file_alone_and_facts(small_hf_resnet, small_hf_swin, tmp_path
         convert(folder, dataclasses.replace(small_resnet_config(), model=dataclasses.replace(
             small_resnet_config().model, nheads=8)))
 
-    _, swin_folder, _ = small_hf_swin
+    _, swin_folder, swin = small_hf_swin
     swin_facts = convert(swin_folder / "pytorch_model.bin")[0].facts
     assert swin_facts["backbone"]["family"] == "swin" and swin_facts["backbone"]["name"] is None
     assert (swin_facts["backbone"]["embed_dim"], swin_facts["backbone"]["depths"],
             swin_facts["backbone"]["num_heads"], swin_facts["backbone"]["window_size"]) == (32, [1, 1, 2, 1],
                                                                                            [1, 2, 2, 4], 7)
+    # A sharded save (an index file and several weight files) reads as one state dict.
+    sharded = tmp_path / "sharded"
+    hf_swin_model = small_hf_swin[0]
+    hf_swin_model.save_pretrained(sharded, max_shard_size="300KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
+    resharded = small_swin_maskformer()
+    load_model_weights(resharded, sharded)
+    assert_same_weights(swin.state_dict(), resharded.state_dict())
 
 
 @pytest.mark.slow
@@ -798,5 +811,18 @@ def test_layout_detection():
     assert detect_layout({"predictor.query_embed.weight": torch.zeros(1),
                           "pixel_decoder.layer_1.weight": torch.zeros(1)}) == "maskformer"
     assert detect_layout({"conv1.weight": torch.zeros(1), "layer1.0.conv1.weight": torch.zeros(1)}) == "backbone"
-    model = copy.deepcopy(small_swin_maskformer())
-    assert detect_layout(model.state_dict()) == "maskformer"
+    assert detect_layout(small_swin_maskformer().state_dict()) == "maskformer"
+
+
+def test_trainable_batchnorm_counters(tmp_path):
+    """Our checkpoints keep BatchNorm counters; foreign layouts (which have none) get zeros for a trainable BN."""
+    cfg = small_config("resnet18", "model.backbone.freeze_bn=false")
+    source = randomize_(build_maskformer(cfg), seed=9)
+    source.backbone.body.bn1.num_batches_tracked.fill_(7)
+    torch.save({"model": source.state_dict()}, tmp_path / "ours.pth")
+    assert build_model(cfg, weights=tmp_path / "ours.pth").backbone.body.bn1.num_batches_tracked.item() == 7
+    official = to_official({k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")},
+                           v1=False)
+    model = build_model(cfg, weights=write_pkl(tmp_path / "official.pkl", official))
+    assert model.backbone.body.bn1.num_batches_tracked.item() == 0
+    assert torch.equal(model.backbone.body.bn1.running_var, source.backbone.body.bn1.running_var)

@@ -162,7 +162,7 @@ def _load_file(path: Path) -> tuple[Any, str]:
             return load_file(str(path)), "safetensors"
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    if path.suffix == ".pkl" or not head.startswith(b"PK"):
+    if not head.startswith(b"PK"):  # not a zip archive (torch's format since 1.6): a pickle
         # A pickle (detectron2 writes plain pickles; torch's legacy format is a pickle too): the restricted
         # unpickler reads numpy arrays and refuses everything else, naming the global.
         if path.suffix != ".pkl":
@@ -751,7 +751,7 @@ def to_ours(source: SourceFile) -> Converted:
         converted = hf_to_ours(state_dict)
         described = "Hugging Face MaskFormerForInstanceSegmentation"
     else:
-        converted = _without_bn_counters(state_dict)
+        converted = dict(state_dict)  # BatchNorm counters of a trainable-BN model are kept
         described = "this package"
     try:
         facts = inspect_weights(converted)
