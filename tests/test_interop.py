@@ -347,9 +347,10 @@ def test_other_layout_errors(tmp_path):
     write_pkl(tmp_path / "msra.pkl", {"res2_0_branch2a_w": np.zeros(1, np.float32)})
     with pytest.raises(CheckpointError, match="Caffe2-style"):
         convert(tmp_path / "msra.pkl")
-    write_pkl(tmp_path / "baseline.pkl", {"sem_seg_head.predictor.weight": np.zeros(1, np.float32)})
-    with pytest.raises(CheckpointError, match="per-pixel baselines are not supported"):
-        convert(tmp_path / "baseline.pkl")
+    write_pkl(tmp_path / "partial.pkl", {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+                                         "sem_seg_head.predictor.weight": np.zeros(1, np.float32)})
+    with pytest.raises(CheckpointError, match="architecture cannot be detected.*give the config"):
+        convert(tmp_path / "partial.pkl")
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         convert(tmp_path / "absent.pkl")
     (tmp_path / "truncated.pkl").write_bytes(pickle.dumps({"model": {}})[:-3])
@@ -826,3 +827,16 @@ def test_trainable_batchnorm_counters(tmp_path):
     model = build_model(cfg, weights=write_pkl(tmp_path / "official.pkl", official))
     assert model.backbone.body.bn1.num_batches_tracked.item() == 0
     assert torch.equal(model.backbone.body.bn1.running_var, source.backbone.body.bn1.running_var)
+
+
+@pytest.mark.parametrize("architecture", ["per_pixel_baseline", "per_pixel_baseline_plus"])
+def test_official_per_pixel_baselines_convert_with_their_config(tmp_path, architecture):
+    extra = ["model.num_queries=5"] if architecture.endswith("plus") else []
+    cfg = small_config("resnet18", f"model.architecture={architecture}", *extra)
+    source = randomize_(build_maskformer(cfg), seed=11)
+    official = to_official(source.state_dict(), v1=True, protocol_extras=False)
+    assert ("sem_seg_head.predictor.weight" in official) == (architecture == "per_pixel_baseline")
+    pkl = write_pkl(tmp_path / "baseline.pkl", official)
+    assert_same_weights(source.state_dict(), build_model(cfg, weights=pkl).state_dict())
+    with pytest.raises(CheckpointError, match="give the config"):
+        convert(pkl)

@@ -334,12 +334,6 @@ def official_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             if k.startswith("sem_seg_head.") and not k.startswith("sem_seg_head.predictor.") else k: v
             for k, v in state_dict.items()
         }
-    if "sem_seg_head.predictor.class_embed.weight" not in state_dict:
-        predictor = sorted(k for k in state_dict if k.startswith("sem_seg_head.predictor."))[:6]
-        raise CheckpointError(
-            "official checkpoint without 'sem_seg_head.predictor.class_embed.weight': not a MaskFormer "
-            f"mask-classification model (per-pixel baselines are not supported); predictor keys: {predictor}"
-        )
     backbone, rest = _split_prefix(state_dict, "backbone.")
     if "patch_embed.proj.weight" in backbone:
         body = _mapped(swin_official_to_ours, backbone, "official Swin backbone")
@@ -364,6 +358,7 @@ def official_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
          lambda m: f"predictor.decoder.layers.{m[1]}.{m[2]}"),
         (rf"{dec}norm\.(weight|bias)", lambda m: f"predictor.decoder.norm.{m[1]}"),
         (rf"{pr}(query_embed|input_proj|class_embed|mask_embed)\.(.+)", lambda m: f"predictor.{m[1]}.{m[2]}"),
+        (rf"{pr}(weight|bias)", lambda m: f"predictor.{m[1]}"),  # PerPixelBaseline's 1x1 classifier
     ]
     out.update(_rename(rest, rules, "official MaskFormer checkpoint"))
     return out
@@ -756,9 +751,8 @@ def to_ours(source: SourceFile) -> Converted:
     try:
         facts = inspect_weights(converted)
     except CheckpointError as error:
-        if layout != OURS:
-            raise
-        facts = {"unreadable": str(error)}  # the key check against a model will name what is wrong
+        # Per-pixel baselines (no class head) or incomplete files: the key check against a model decides.
+        facts = {"unreadable": str(error)}
     facts.update(_hf_facts(source.hf_config))
     stored = source.extras.get("detected")
     if layout == OURS and isinstance(stored, dict) and stored.get("nheads") and not facts.get("nheads"):
@@ -873,7 +867,8 @@ def convert(path: str | os.PathLike, config=None) -> tuple[Converted, Any]:
                                             target_backbone=config.model.backbone.name)
         return converted, config
     if "unreadable" in converted.facts:
-        raise CheckpointError(f"{where}: {converted.facts['unreadable']}")
+        raise CheckpointError(f"{where}: {converted.facts['unreadable']}. The architecture cannot be detected "
+                              "(a per-pixel baseline, or an incomplete checkpoint): give the config it belongs to")
     detected = config_from_facts(converted.facts)
     if detected is not None:
         model = _build_for_checking(detected)
