@@ -6,7 +6,7 @@ Supported sources (detected from the file's content and key names, never from it
   read with a restricted unpickler, :mod:`maskformer.interop.safe_pickle`) or a torch file with the same
   keys. Both the old (v1: ``sem_seg_head.adapter_1...``) and the current (v2:
   ``sem_seg_head.pixel_decoder.adapter_1...``) head names, ResNet (R101c's deep stem too) and Swin
-  backbones, the FPN and the "+6 Enc" pixel decoder.
+  backbones, the FPN and the "+6 Enc" pixel decoder (the per-pixel baselines too, given their config).
 * **Hugging Face** ``MaskFormerForInstanceSegmentation``: a ``save_pretrained`` folder (``config.json``
   and ``model.safetensors`` / ``pytorch_model.bin``, sharded or not) or the weight file alone; ResNet
   and MaskFormer-Swin backbones.
