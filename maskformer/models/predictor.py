@@ -86,6 +86,9 @@ class TransformerPredictor(nn.Module):
         logits = self.class_embed(hs)  # [L, B, Q, K+1]
         mask_embed = self.mask_embed(hs)  # [L, B, Q, D]
         masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        # unbind, not indexing: its backward stacks the layers' gradients once, where L separate
+        # ``masks[l]`` would each scatter into a zero tensor of the full [L,B,Q,H/4,W/4] size.
+        logits, masks = logits.unbind(0), masks.unbind(0)
         out: dict[str, object] = {"pred_logits": logits[-1], "pred_masks": masks[-1]}
         if with_aux:
             out["aux_outputs"] = [{"pred_logits": a, "pred_masks": b} for a, b in zip(logits[:-1], masks[:-1])]
