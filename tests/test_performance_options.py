@@ -12,6 +12,7 @@ from maskformer.engine.evaluate import autocast_context
 from maskformer.models.build import build_criterion, build_maskformer
 from maskformer.models.criterion import MaskLosses, SetCriterion, binary_cross_entropy_with_logits, build_weight_dict
 from maskformer.models.matcher import HungarianMatcher, batch_dice_cost, batch_focal_cost, downsample_masks
+from maskformer.models.predictor import MaskEinsum
 from tests.conftest import tiny_config
 
 
@@ -147,6 +148,35 @@ def test_point_sampled_matching_draws_independent_points_per_layer():
     cost = HungarianMatcher(num_points=50).cost_matrix(torch.zeros(3, 10, 5), masks, torch.arange(4), targets)
     assert cost.shape == (3, 10, 4)
     assert not torch.allclose(cost[0], cost[1])  # different random points, as separate calls would draw
+
+
+def test_mask_einsum_skips_zero_gradient_rows_exactly():
+    g = torch.Generator().manual_seed(7)
+    embed = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 4, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    out = MaskEinsum.apply(embed, features)
+    ref = torch.einsum("lbqc,bchw->lbqhw", embed, features)
+    assert torch.equal(out, ref)
+    grad = torch.zeros_like(out)  # sparse, as the mask losses leave it: only matched queries
+    grad[0, 0, 1] = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    grad[2, 1, 4] = 1.0
+    for a, b in zip(torch.autograd.grad(out, (embed, features), grad), torch.autograd.grad(ref, (embed, features), grad)):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert torch.autograd.gradcheck(MaskEinsum.apply, (embed, features))
+
+
+def test_mask_einsum_under_bf16_autocast_and_channels_last():
+    g = torch.Generator().manual_seed(8)
+    embed = torch.randn(2, 2, 5, 8, generator=g, requires_grad=True)
+    features = torch.randn(2, 8, 4, 6, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = MaskEinsum.apply(embed, features)
+        ref = torch.einsum("lbqc,bchw->lbqhw", embed, features)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    grads = torch.autograd.grad(out.float().square().sum(), (embed, features))
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), (embed, features))
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
 def _tiny_step(cfg, amp, channels_last):

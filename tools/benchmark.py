@@ -149,16 +149,19 @@ def _median_time(fn, warmup: int, runs: int, device: torch.device) -> float:
     return statistics.median(_times(fn, warmup, runs, device))
 
 
-def _times(fn, warmup: int, runs: int, device: torch.device) -> list[float]:
+def _times(fn, warmup: int, runs: int, device: torch.device, cpu_times: list | None = None) -> list[float]:
+    """Wall seconds of ``runs`` calls after ``warmup``; appends each call's process CPU seconds to ``cpu_times``."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c)
     return times
 
 
@@ -288,20 +291,21 @@ def measure_hf_train_step(model, size, batch, num_masks, device, warmup=2, runs=
 
 def _timed_steps(step, timer: MatcherTimer, warmup: int, runs: int, device: torch.device) -> dict[str, Any]:
     try:
-        step_times, match_times = [], []
+        step_times, match_times, cpu_times = [], [], []
         for i in range(warmup + runs):
             timer.seconds = 0.0
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             if i >= warmup:
                 step_times.append(time.perf_counter() - t)
+                cpu_times.append(time.process_time() - c)
                 match_times.append(timer.seconds)
     finally:
         timer.restore()
     return {"train_step_s": statistics.median(step_times), "matcher_s": statistics.median(match_times),
-            "times": step_times, "matcher_times": match_times}
+            "times": step_times, "matcher_times": match_times, "cpu_times": cpu_times}
 
 
 @dataclasses.dataclass
@@ -361,8 +365,9 @@ def run_job(job: Job) -> dict[str, Any]:
                 with autocast_context(device, variant["amp"]):
                     return model(pixel_values=x) if job.side == "hf" else model(x)
 
-            times = _times(forward, job.warmup, job.runs, device)
-            result.update({"seconds": statistics.median(times), "times": times})
+            cpu_times: list[float] = []
+            times = _times(forward, job.warmup, job.runs, device, cpu_times)
+            result.update({"seconds": statistics.median(times), "times": times, "cpu_times": cpu_times})
         elif job.side == "hf":
             step = measure_hf_train_step(model, size, job.batch, job.num_masks, device, job.warmup, job.runs)
             result.update({"seconds": step["train_step_s"], **step})
@@ -418,7 +423,8 @@ def compare(jobs: list[Job], repeats: int = 1, wait_idle: float = 0.0, idle_belo
             results.append(res)
             extra = f"  matcher {res['matcher_s']:.3f}s" if "matcher_s" in res else ""
             log(f"[{r + 1}/{repeats}] {job.side:>12} {job.task:<5} median {res['seconds']:.3f}s "
-                f"(runs {' '.join(f'{t:.3f}' for t in res['times'])}){extra}  peak {res['peak_mem_mib']:.0f} MiB  "
+                f"(runs {' '.join(f'{t:.3f}' for t in res['times'])}; cpu "
+                f"{statistics.median(res['cpu_times']):.3f}s){extra}  peak {res['peak_mem_mib']:.0f} MiB  "
                 f"load {res['loadavg_before']:.2f}  cpu_util {res['cpu_util']:.2f}  others {res['others_cores']}")
     return results
 
@@ -439,6 +445,7 @@ def summarize(results: list[dict[str, Any]], sides: list[str]) -> dict[str, dict
             if not rs:
                 continue
             row[f"{task}_s"] = statistics.median(t for r in rs for t in r["times"])
+            row[f"{task}_cpu_s"] = statistics.median(t for r in rs for t in r.get("cpu_times", r["times"]))
             row[f"{task}_peak_mib"] = statistics.median(r["peak_mem_mib"] for r in rs)
             row[f"{task}_others_max"] = max((r["others_cores"] or 0.0) for r in rs)
             row[f"{task}_loadavg"] = statistics.median(r["loadavg_before"] for r in rs)
@@ -454,7 +461,7 @@ def summarize(results: list[dict[str, Any]], sides: list[str]) -> dict[str, dict
         for side, row in summary.items():
             if side == "hf":
                 continue
-            for key in ("infer_s", "train_s", "infer_peak_mib", "train_peak_mib"):
+            for key in ("infer_s", "train_s", "infer_cpu_s", "train_cpu_s", "infer_peak_mib", "train_peak_mib"):
                 if key in row and key in base:
                     row[f"{key}_vs_hf"] = row[key] / base[key]
     return summary

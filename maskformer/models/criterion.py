@@ -9,6 +9,8 @@ supervision the same losses (re-matched) apply to every decoder layer, suffixed 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -98,10 +100,7 @@ class MaskLosses(torch.autograd.Function):
         size, alpha, gamma = ctx.size, ctx.alpha, ctx.gamma
         grad_logits = torch.empty_like(logits)
         for rows in _chunks(logits, size):
-            with torch.enable_grad():
-                low = logits[rows].detach().requires_grad_(size is not None)
-                x_graph = _upsample(low, size)
-            x = x_graph.detach()
+            x = _upsample(logits[rows], size)
             t = targets[target_index[rows]].flatten(1).to(x.dtype)
             p = x.sigmoid()
             dp = p * (1 - p)  # d sigmoid / dx
@@ -117,10 +116,7 @@ class MaskLosses(torch.autograd.Function):
             grad.mul_((grad_mask_loss[rows] / x.shape[1])[:, None])
             num, den = numerator[rows, None], denominator[rows, None]
             grad.add_((num - 2 * t * den).mul_(dp).mul_((grad_dice[rows] / den[:, 0].square())[:, None]))
-            if size is None:
-                grad_logits[rows] = grad
-            else:
-                grad_logits[rows] = torch.autograd.grad(x_graph, low, grad.view_as(x_graph))[0]
+            grad_logits[rows] = grad if size is None else _upsample_backward(grad, logits.shape[-2:], size)
         return grad_logits, None, None, None, None, None, None
 
 
@@ -136,6 +132,22 @@ def _upsample(logits: torch.Tensor, size: tuple[int, int] | None) -> torch.Tenso
     if size is None:
         return logits
     return F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False).flatten(1)
+
+
+def _upsample_backward(grad: torch.Tensor, low: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Gradient of :func:`_upsample` ([c, H*W] -> [c, h, w]). Bilinear resizing is separable,
+    ``up(X) = A_h X A_w^T``, so its gradient is ``A_h^T G A_w``: two small matrix products, about
+    twice as fast on CPUs as ``upsample_bilinear2d_backward``."""
+    a_h = _interpolation_matrix(low[0], size[0], grad.device, grad.dtype)  # [H, h]
+    a_w = _interpolation_matrix(low[1], size[1], grad.device, grad.dtype)  # [W, w]
+    return a_h.T @ grad.view(-1, *size) @ a_w
+
+
+@functools.lru_cache(maxsize=16)
+def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n_out, n_in]: 1-D bilinear resizing (align_corners=False) as a matrix, made by resizing the identity."""
+    eye = torch.eye(n_in, device=device, dtype=dtype)[:, None, :, None]  # n_in maps of size [n_in, 1]
+    return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T.contiguous()
 
 
 def _one_minus_pt(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

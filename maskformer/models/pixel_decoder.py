@@ -38,7 +38,8 @@ class ConvNorm(nn.Conv2d):
         x = super().forward(x)
         if self.norm is not None:
             x = self.norm(x)
-        return F.relu(x) if self.relu else x
+        # In place: the fresh norm (or conv) output is not needed for its own backward.
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class PixelDecoder(nn.Module):

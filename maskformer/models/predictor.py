@@ -33,6 +33,48 @@ class MLP(nn.Module):
         return x
 
 
+class MaskEinsum(torch.autograd.Function):
+    """``einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)`` whose backward skips zero rows.
+
+    In training only the masks matched to a target get a gradient (the mask losses read no other
+    query's mask; the class loss reads no mask), about N/Q of the L*Q rows of the incoming
+    gradient. The dense backward would spend the rest of its two [L*Q x C x H*W] products on
+    zeros; this one multiplies only the rows that are not all zero. Same values as the einsum's
+    own backward (up to summation order), computed in the forward's dtype as autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        ctx.save_for_backward(mask_embed, mask_features)
+        ctx.dtype = out.dtype  # autocast may have run the einsum in lower precision
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        mask_embed, mask_features = ctx.saved_tensors
+        layers, batch, queries, channels = mask_embed.shape
+        embed = mask_embed.to(ctx.dtype).reshape(layers, batch, queries, channels)
+        features = mask_features.to(ctx.dtype).flatten(2)  # [B, C, HW]
+        grad = grad.to(ctx.dtype).reshape(layers, batch, queries, -1)
+        grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
+        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
+        with torch.autocast(grad.device.type, enabled=False):
+            for b in range(batch):
+                g = grad[:, b].reshape(layers * queries, -1)  # [L*Q, HW]
+                rows = g.ne(0).any(1).nonzero()[:, 0]
+                g = g[rows]
+                if grad_embed is not None:
+                    rows_embed = embed.new_zeros(layers * queries, channels)
+                    rows_embed[rows] = g @ features[b].T
+                    grad_embed[:, b] = rows_embed.view(layers, queries, channels)
+                if grad_features is not None:
+                    grad_features[b] = embed[:, b].reshape(layers * queries, channels)[rows].T @ g
+        return (None if grad_embed is None else grad_embed.to(mask_embed.dtype),
+                None if grad_features is None else grad_features.view_as(mask_features).to(mask_features.dtype))
+
+
 class TransformerPredictor(nn.Module):
     """Queries -> class logits and mask logits, for every decoder layer.
 
@@ -85,7 +127,10 @@ class TransformerPredictor(nn.Module):
 
         logits = self.class_embed(hs)  # [L, B, Q, K+1]
         mask_embed = self.mask_embed(hs)  # [L, B, Q, D]
-        masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            masks = MaskEinsum.apply(mask_embed, mask_features)  # [L, B, Q, H/4, W/4]
+        else:
+            masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
         # unbind, not indexing: its backward stacks the layers' gradients once, where L separate
         # ``masks[l]`` would each scatter into a zero tensor of the full [L,B,Q,H/4,W/4] size.
         logits, masks = logits.unbind(0), masks.unbind(0)
