@@ -1,4 +1,5 @@
-"""Per-pixel baselines (PerPixelBaseline, PerPixelBaseline+) and fixed matching: outputs, losses, inference, training."""
+"""Per-pixel baselines (PerPixelBaseline, PerPixelBaseline+) and fixed matching: outputs, losses, inference,
+training."""
 
 import json
 import math
@@ -227,7 +228,8 @@ def test_fixed_matching_pairs_query_i_with_the_mask_of_class_i_in_every_layer():
     g = torch.Generator().manual_seed(3)
 
     def layer():
-        return {"pred_logits": torch.randn(1, K, K + 1, generator=g), "pred_masks": torch.randn(1, K, 6, 6, generator=g)}
+        return {"pred_logits": torch.randn(1, K, K + 1, generator=g),
+                "pred_masks": torch.randn(1, K, 6, 6, generator=g)}
 
     outputs = {**layer(), "aux_outputs": [layer()]}
     masks = (torch.rand(2, 24, 24, generator=g) > 0.5).float()
