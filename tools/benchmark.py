@@ -473,17 +473,19 @@ def format_table(summary: dict[str, dict[str, Any]], title: str) -> str:
         return "" if v is None else format(v, fmt)
 
     head = ("| side | params | GFLOPs | infer s | ×HF | train s | ×HF | matcher s (share) | peak MiB infer | "
-            "peak MiB train | ×HF | others (cores) |")
+            "peak MiB train | ×HF | load avg | others (cores) |")
     lines = [title, "", head, "|" + "---|" * (head.count("|") - 1)]
     for side, r in summary.items():
         name = "Hugging Face" if side == "hf" else f"ours {side}"
         matcher = (f"{r['matcher_s']:.3f} ({100 * r['matcher_share']:.1f}%)" if "matcher_s" in r else "")
         others = max(r.get("infer_others_max", 0.0), r.get("train_others_max", 0.0))
+        load = max(r.get("infer_loadavg", 0.0), r.get("train_loadavg", 0.0))
         lines.append(
             f"| {name} | {r['params'] / 1e6:.2f}M | {num(r.get('gflops'), '.1f')} | {num(r.get('infer_s'), '.3f')} | "
             f"{num(r.get('infer_s_vs_hf'), '.2f')} | {num(r.get('train_s'), '.3f')} | "
             f"{num(r.get('train_s_vs_hf'), '.2f')} | {matcher} | {num(r.get('infer_peak_mib'), '.0f')} | "
-            f"{num(r.get('train_peak_mib'), '.0f')} | {num(r.get('train_peak_mib_vs_hf'), '.2f')} | {others:.2f} |")
+            f"{num(r.get('train_peak_mib'), '.0f')} | {num(r.get('train_peak_mib_vs_hf'), '.2f')} | {load:.2f} | "
+            f"{others:.2f} |")
     return "\n".join(lines)
 
 

@@ -127,7 +127,10 @@ class TransformerPredictor(nn.Module):
 
         logits = self.class_embed(hs)  # [L, B, Q, K+1]
         mask_embed = self.mask_embed(hs)  # [L, B, Q, D]
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # The sparse backward pays off on CPUs; on GPUs the dense products are cheap and finding
+        # the non-zero rows would synchronise the device.
+        if (self.training and torch.is_grad_enabled() and mask_features.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             masks = MaskEinsum.apply(mask_embed, mask_features)  # [L, B, Q, H/4, W/4]
         else:
             masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
