@@ -27,7 +27,7 @@ Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 def batch_focal_cost(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
                      gamma: float = 2.0, prob: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean sigmoid focal loss of every prediction against every target.
+    """Mean sigmoid focal loss of every prediction against every target (a matching cost: no autograd).
 
     Args:
         logits: [..., Q, P] mask logits at P pixels (or points).
