@@ -14,7 +14,7 @@ from maskformer.data import (
     build_train_loader,
     load_records,
 )
-from maskformer.data.shapes import SHAPES_THINGS, generate_shapes_image, shapes_root
+from maskformer.data.shapes import SHAPES_THINGS, generate_shapes_image, shapes_records, shapes_root
 
 
 def _cfg(tmp_path, workers=0, **extra):
@@ -77,6 +77,28 @@ def test_shapes_content():
     assert min(sizes) >= 140  # no pathological slivers (>= ~12x12 px at 128x128)
     for c, colors in thing_colors.items():  # classes are not told apart by a fixed colour
         assert np.std(np.array(colors), axis=0).mean() > 30, c
+
+
+def test_shapes_subset_of_thing_shapes(tmp_path):
+    from maskformer.data import build_dataset, get_metadata
+
+    options = {"num_images": 6, "image_size": 64, "things": ["circle", "cross"]}
+    cfg = config_from_dict({"model": {"num_classes": 5}, "data": {
+        "train": {"name": "shapes", "root": str(tmp_path), "options": options},
+        "test": {"name": "shapes", "root": str(tmp_path), "split": "val", "options": options}}})
+    meta = get_metadata(cfg, "train")
+    assert meta.class_names == ["sky", "grass", "floor", "circle", "cross"]
+    assert meta.is_thing == [False, False, False, True, True]
+    sample = build_dataset(cfg, "test")[0]
+    assert {s["category_id"] for s in sample["segments_info"]} <= set(range(5))
+    labels = set()
+    for index in range(6):
+        _, semantic, _, segments = generate_shapes_image(0, "val", index, 64, (2, 5), ("circle", "cross"))
+        labels |= {s["category_id"] for s in segments if s["isthing"]}
+        assert semantic.max() <= 4
+    assert labels == {3, 4}
+    with pytest.raises(ValueError, match="things must be distinct names"):
+        shapes_records(str(tmp_path), "val", things=["circle", "hexagon"])
 
 
 def test_shapes_cache_written_once_and_reused(tmp_path):

@@ -45,12 +45,25 @@ _DEFAULT_NUM_IMAGES = {"train": 2000}
 _DEFAULT_NUM_IMAGES_OTHER = 200
 
 
-def shapes_metadata(root: str | None = None, split: str = "train", **options) -> DatasetMetadata:
+_THING_SHAPES = tuple(SHAPES_CLASSES[_NUM_STUFF:])
+
+
+def _class_table(things: tuple[str, ...]) -> tuple[list[str], list[bool], list[tuple[int, int, int]]]:
+    """Names, thing flags and colours of the classes when only ``things`` are drawn (in that order)."""
+    unknown = [t for t in things if t not in _THING_SHAPES]
+    if unknown or not things or len(set(things)) != len(things):
+        raise ValueError(f"shapes: things must be distinct names among {list(_THING_SHAPES)}, got {list(things)}")
+    keep = list(range(_NUM_STUFF)) + [SHAPES_CLASSES.index(t) for t in things]
+    return [SHAPES_CLASSES[i] for i in keep], [SHAPES_THINGS[i] for i in keep], [SHAPES_COLORS[i] for i in keep]
+
+
+def shapes_metadata(root: str | None = None, split: str = "train", *, things=_THING_SHAPES, **options) -> DatasetMetadata:
+    names, is_thing, colors = _class_table(tuple(things))
     return DatasetMetadata(
         name="shapes",
-        class_names=list(SHAPES_CLASSES),
-        colors=list(SHAPES_COLORS),
-        is_thing=list(SHAPES_THINGS),
+        class_names=names,
+        colors=colors,
+        is_thing=is_thing,
         ignore_label=255,
         evaluator="sem_seg+panoptic",
     )
@@ -125,16 +138,16 @@ def _stuff_texture(cls: int, rng: np.random.Generator, size: int, yy: np.ndarray
     return np.where(((iy + ix) % 2 == 0)[..., None], color[None, None], other[None, None])
 
 
-def _thing_mask(cls: int, cy: float, cx: float, r: float, theta: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _thing_mask(shape: str, cy: float, cx: float, r: float, theta: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     dy, dx = yy - cy, xx - cx
     u = np.cos(theta) * dx + np.sin(theta) * dy
     v = -np.sin(theta) * dx + np.cos(theta) * dy
-    if cls == 3:  # circle
+    if shape == "circle":
         return dx * dx + dy * dy <= r * r
-    if cls == 4:  # square (half side 0.8 r: area close to the circle's)
+    if shape == "square":  # half side 0.8 r: area close to the circle's
         a = 0.8 * r
         return (np.abs(u) <= a) & (np.abs(v) <= a)
-    if cls == 5:  # equilateral triangle inscribed in radius 1.15 r
+    if shape == "triangle":  # equilateral, inscribed in radius 1.15 r
         rr = 1.15 * r
         inside = np.ones_like(u, dtype=bool)
         for k in range(3):
@@ -148,9 +161,10 @@ def _thing_mask(cls: int, cy: float, cx: float, r: float, theta: float, yy: np.n
 
 
 def generate_shapes_image(
-    seed: int, split: str, index: int, image_size: int = 128, num_things: tuple[int, int] = (2, 5)
+    seed: int, split: str, index: int, image_size: int = 128, num_things: tuple[int, int] = (2, 5),
+    thing_shapes: tuple[str, ...] = _THING_SHAPES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """One deterministic sample.
+    """One deterministic sample; thing classes drawn from ``thing_shapes`` (contiguous ids after the stuff).
 
     Returns:
         image uint8 ``[S,S,3]``, semantic class ids uint8 ``[S,S]``, panoptic segment ids int64 ``[S,S]``
@@ -175,10 +189,10 @@ def generate_shapes_image(
     target = int(rng.integers(num_things[0], num_things[1] + 1))
     for _ in range(target):
         for _try in range(20):
-            cls = int(rng.integers(_NUM_STUFF, len(SHAPES_CLASSES)))
+            cls = int(rng.integers(_NUM_STUFF, _NUM_STUFF + len(thing_shapes)))
             r = rng.uniform(0.09, 0.2) * s
             cy, cx = rng.uniform(r * 0.8, s - r * 0.8, size=2)
-            mask = _thing_mask(cls, cy, cx, r, rng.uniform(0, 2 * np.pi), pix_y, pix_x)
+            mask = _thing_mask(thing_shapes[cls - _NUM_STUFF], cy, cx, r, rng.uniform(0, 2 * np.pi), pix_y, pix_x)
             area = int(mask.sum())
             if area < min_area:
                 continue
@@ -217,7 +231,7 @@ def generate_shapes_image(
                 "id": seg_id,
                 "category_id": cls,
                 "iscrowd": 0,
-                "isthing": int(SHAPES_THINGS[cls]),
+                "isthing": int(cls >= _NUM_STUFF),
                 "area": int(region.sum()),
                 "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
             }
@@ -239,10 +253,12 @@ def generate_shapes_image(
 # ------------------------------------------------------------------------------------------------
 
 
-def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, num_images: int, seed: int, num_things) -> Path:
+def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, num_images: int, seed: int, num_things,
+                things: tuple[str, ...] = _THING_SHAPES) -> Path:
     """The cache folder of one split for these options."""
     key = json.dumps(
-        {"v": _VERSION, "split": split, "size": image_size, "n": num_images, "seed": seed, "things": list(num_things)},
+        {"v": _VERSION, "split": split, "size": image_size, "n": num_images, "seed": seed, "things": list(num_things),
+         **({} if tuple(things) == _THING_SHAPES else {"shapes": list(things)})},
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -251,10 +267,10 @@ def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, n
     return Path(parent) / f"shapes-{digest}"
 
 
-def _write_images(out: Path, split: str, image_size: int, seed: int, num_things, indices: range) -> tuple[list, list]:
+def _write_images(out: Path, split: str, image_size: int, seed: int, num_things, things, indices: range) -> tuple[list, list]:
     images, annotations = [], []
     for i in indices:
-        image, semantic, pan, segments = generate_shapes_image(seed, split, i, image_size, tuple(num_things))
+        image, semantic, pan, segments = generate_shapes_image(seed, split, i, image_size, tuple(num_things), things)
         stem = f"{split}_{i:06d}"
         Image.fromarray(image).save(out / "images" / split / f"{stem}.jpg", quality=95)
         Image.fromarray(semantic).save(out / "masks" / split / f"{stem}.png")
@@ -264,35 +280,38 @@ def _write_images(out: Path, split: str, image_size: int, seed: int, num_things,
     return images, annotations
 
 
-def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things) -> None:
+def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things, things) -> None:
+    names, is_thing, _ = _class_table(things)
     for sub in ("images", "masks", "panoptic"):
         (out / sub / split).mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(SHAPES_CLASSES) + "\n", encoding="utf-8")
+    (out / "classes.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     # Images are independent, so large splits are drawn in parallel (not from daemonic processes such
     # as DataLoader workers, which may not start children). The result is identical either way.
     workers = min(os.cpu_count() or 1, 8, num_images // 250)
     chunks = [range(k * num_images // max(workers, 1), (k + 1) * num_images // max(workers, 1)) for k in range(max(workers, 1))]
     if workers > 1 and not multiprocessing.current_process().daemon:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_write_images, *zip(*[(out, split, image_size, seed, num_things, c) for c in chunks])))
+            parts = list(pool.map(_write_images, *zip(*[(out, split, image_size, seed, num_things, things, c)
+                                                          for c in chunks])))
     else:
-        parts = [_write_images(out, split, image_size, seed, num_things, range(num_images))]
+        parts = [_write_images(out, split, image_size, seed, num_things, things, range(num_images))]
     images = [x for part in parts for x in part[0]]
     annotations = [x for part in parts for x in part[1]]
-    categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(SHAPES_CLASSES, SHAPES_THINGS))]
+    categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(names, is_thing))]
     with open(out / "panoptic" / f"{split}.json", "w", encoding="utf-8") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
 
-def ensure_shapes(parent, split: str, image_size: int, num_images: int, seed: int, num_things) -> Path:
+def ensure_shapes(parent, split: str, image_size: int, num_images: int, seed: int, num_things,
+                  things: tuple[str, ...] = _THING_SHAPES) -> Path:
     """Generate the split into the cache unless it is already there; returns the dataset root."""
-    final = shapes_root(parent, split, image_size, num_images, seed, num_things)
+    final = shapes_root(parent, split, image_size, num_images, seed, num_things, things)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _write_split(tmp, split, image_size, num_images, seed, num_things)
+        _write_split(tmp, split, image_size, num_images, seed, num_things, things)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first
         except OSError:
@@ -312,11 +331,13 @@ def shapes_records(
     num_images: int | None = None,
     seed: int = 0,
     num_things: list[int] | tuple[int, int] = (2, 5),
+    things: list[str] | tuple[str, ...] = _THING_SHAPES,
 ) -> list[dict]:
     """Records of the shapes split (generated on first use). ``root`` (optional) is the cache parent folder.
 
     Options: ``image_size`` (square side), ``num_images`` (default 2000 for train, 200 otherwise),
-    ``seed``, ``num_things`` ([min, max] instances per image).
+    ``seed``, ``num_things`` ([min, max] instances per image), ``things`` (which shapes to draw, a
+    subset of circle/square/triangle/cross; the classes are the 3 stuff classes then these, in order).
     """
     from maskformer.data.formats import folder_records
 
@@ -327,5 +348,7 @@ def shapes_records(
     n = num_images if num_images is not None else _DEFAULT_NUM_IMAGES.get(split, _DEFAULT_NUM_IMAGES_OTHER)
     if n < 1:
         raise ValueError(f"shapes: num_images must be >= 1, got {n}")
-    dataset_root = ensure_shapes(root, split, image_size, n, seed, tuple(int(v) for v in num_things))
+    things = tuple(things)
+    _class_table(things)  # validates
+    dataset_root = ensure_shapes(root, split, image_size, n, seed, tuple(int(v) for v in num_things), things)
     return folder_records(str(dataset_root), split, name="shapes")
