@@ -338,6 +338,10 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
     if m.transformer_in_feature == "transformer_encoder":
         need(m.pixel_decoder == "transformer_encoder_fpn", "model.transformer_in_feature",
              "'transformer_encoder' needs model.pixel_decoder: transformer_encoder_fpn")
+    if m.architecture != "maskformer":
+        need(not (te.panoptic_on or te.instance_on), "test.panoptic_on",
+             f"{m.architecture} predicts per-pixel classes only: panoptic and instance output need "
+             "model.architecture: maskformer")
     if m.architecture == "per_pixel_baseline_plus" or loss.matcher == "fixed":
         key = "model.num_queries"
         need(m.num_queries == m.num_classes, key,

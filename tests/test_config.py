@@ -147,11 +147,12 @@ def test_bad_overrides(override, message):
     ("train.amp=fp8", "train.amp"),
     ("train.device=gpu", "train.device"),
     ("test.semantic_on=false", "test.semantic_on"),
+    ("model.architecture=per_pixel_baseline test.panoptic_on=true", "test.panoptic_on"),
 ])
 def test_impossible_values_fail_at_load_time(tmp_path, override, key):
     path = _write(tmp_path / "c.yaml", {})
     with pytest.raises(ConfigError) as err:
-        load_config(path, [override])
+        load_config(path, override.split(" "))
     assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
 
 
