@@ -131,7 +131,8 @@ def original_swin_padding_flops(model: nn.Module, images: torch.Tensor) -> int:
         b, h, w, _ = args[0].shape
         ws = module.window_size
         padding_tokens = b * (-(-h // ws) * ws * -(-w // ws) * ws - h * w)
-        per_token = module.qkv.in_features * module.qkv.out_features + module.proj.in_features * module.proj.out_features
+        per_token = (module.qkv.in_features * module.qkv.out_features
+                     + module.proj.in_features * module.proj.out_features)
         total += padding_tokens * per_token
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, WindowAttention)]
@@ -245,7 +246,8 @@ def _format(result: dict[str, Any]) -> str:
     if f["original_swin_padding"]:
         lines.append(f"  {'+ original Swin: projections of window padding':<46}{g(f['original_swin_padding'])}")
     lines += [f"{'paper protocol (compare with the paper)':<48}{g(f['paper_protocol'])}",
-              f"  (the original also computes the 5 auxiliary layers' masks in eval, {f['aux_masks'] / 1e9:.2f} G more;",
+              f"  (the original also computes the auxiliary layers' masks in eval, {f['aux_masks'] / 1e9:.2f} G "
+              "more;",
               "   the paper's figures leave them out, see docs/performance.md)"]
     return "\n".join(lines)
 

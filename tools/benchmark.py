@@ -32,9 +32,12 @@ The Hugging Face side always runs fp32, contiguous: the ratios compare against t
 
 Noise: the sides alternate (the order flips every repeat) and each measurement records the load
 average, its own CPU utilisation and how many cores other processes used meanwhile
-(``others``, from /proc/stat). ``--wait-idle S`` waits up to S seconds before each measurement
-for other processes to use less than ``--idle-below`` cores. Figures are medians over all runs of
-all repeats; repeat when ``others`` is not close to 0.
+(``others``, from /proc/stat), and the process CPU time of every run (``cpu_times``; the
+summary's ``*_cpu_s``). ``--wait-idle S`` waits up to S seconds before each measurement for other
+processes to use less than ``--idle-below`` cores, and a measurement during which they used more
+than ``--noisy-above`` cores is taken again (``--retries``, default 2; the least disturbed attempt
+counts). Figures are medians over all runs of all repeats; trust them when ``others`` is close to
+0 (with 2 threads on 2 busy cores, OpenMP threads wait for each other at every parallel region).
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -411,21 +413,34 @@ def _wait_idle(max_seconds: float, below: float) -> float | None:
 
 
 def compare(jobs: list[Job], repeats: int = 1, wait_idle: float = 0.0, idle_below: float = 0.3,
-            timeout: float = 1800.0, log=print) -> list[dict[str, Any]]:
-    """Run every job ``repeats`` times in subprocesses, alternating the order; returns the worker results."""
+            retries: int = 0, noisy_above: float = 0.25, timeout: float = 1800.0, log=print) -> list[dict[str, Any]]:
+    """Run every job ``repeats`` times in subprocesses, alternating the order; returns the worker results.
+
+    A measurement during which other processes used more than ``noisy_above`` cores is repeated
+    up to ``retries`` times; the least disturbed attempt is kept (its ``attempts`` field says how many).
+    """
     results = []
     for r in range(repeats):
         order = jobs if r % 2 == 0 else _alternate(jobs)
         for job in order:
-            busy_before = _wait_idle(wait_idle, idle_below) if wait_idle > 0 else None
-            res = _spawn(job, timeout)
-            res.update({"repeat": r, "others_before": None if busy_before is None else round(busy_before, 2)})
-            results.append(res)
-            extra = f"  matcher {res['matcher_s']:.3f}s" if "matcher_s" in res else ""
-            log(f"[{r + 1}/{repeats}] {job.side:>12} {job.task:<5} median {res['seconds']:.3f}s "
-                f"(runs {' '.join(f'{t:.3f}' for t in res['times'])}; cpu "
-                f"{statistics.median(res['cpu_times']):.3f}s){extra}  peak {res['peak_mem_mib']:.0f} MiB  "
-                f"load {res['loadavg_before']:.2f}  cpu_util {res['cpu_util']:.2f}  others {res['others_cores']}")
+            attempts = []
+            for _ in range(retries + 1):
+                busy_before = _wait_idle(wait_idle, idle_below) if wait_idle > 0 else None
+                res = _spawn(job, timeout)
+                res.update({"repeat": r, "others_before": None if busy_before is None else round(busy_before, 2)})
+                attempts.append(res)
+                extra = f"  matcher {res['matcher_s']:.3f}s" if "matcher_s" in res else ""
+                log(f"[{r + 1}/{repeats}] {job.side:>12} {job.task:<5} median {res['seconds']:.3f}s "
+                    f"(runs {' '.join(f'{t:.3f}' for t in res['times'])}; cpu "
+                    f"{statistics.median(res['cpu_times']):.3f}s){extra}  peak {res['peak_mem_mib']:.0f} MiB  "
+                    f"load {res['loadavg_before']:.2f}  cpu_util {res['cpu_util']:.2f}  others {res['others_cores']}")
+                if (res["others_cores"] or 0.0) <= noisy_above:
+                    break
+                if len(attempts) <= retries:
+                    log(f"    other processes used {res['others_cores']} cores: measuring again")
+            best = min(attempts, key=lambda a: a["others_cores"] or 0.0)
+            best["attempts"] = len(attempts)
+            results.append(best)
     return results
 
 
@@ -579,7 +594,8 @@ def precision_agreement(model, loader, metadata, test, device: torch.device, var
         if 0 < max_images <= images:
             break
     miou = {name: e.compute()["mIoU"] for name, e in evaluators.items()}
-    return {name: {"pixel_agreement": same[name] / max(pixels, 1), "pixel_agreement_gt": same_gt[name] / max(pixels_gt, 1),
+    return {name: {"pixel_agreement": same[name] / max(pixels, 1),
+                   "pixel_agreement_gt": same_gt[name] / max(pixels_gt, 1),
                    "mIoU": miou[name], "mIoU_fp32": miou["fp32"], "images": images,
                    "seconds_per_image": seconds[name] / max(images, 1),
                    "seconds_per_image_fp32": seconds["fp32"] / max(images, 1)} for name in variants}
@@ -630,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                         help="before each measurement wait up to S seconds for the machine to be idle")
     parser.add_argument("--idle-below", type=float, default=0.3, help="'idle': other processes use fewer cores")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="repeat a measurement disturbed by other processes (see --noisy-above) up to this often")
+    parser.add_argument("--noisy-above", type=float, default=0.25,
+                        help="'disturbed': other processes used more cores than this during the measurement")
     parser.add_argument("--gpu-suite", action="store_true", help="R50 and Swin-T GPU figures (needs --device cuda)")
     parser.add_argument("--json", default=None, help="also write everything to this file")
     parser.add_argument("--agreement", default=None, metavar="CONFIG",
@@ -696,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{env['cpu']}, {args.threads} threads, torch {env['torch']}, transformers {env['transformers']}, "
               f"{args.backbone}, {args.size[0]}x{args.size[1]}, {args.num_classes} classes, {args.num_queries} "
               f"queries, train batch {args.batch} with {args.num_masks} masks/image", flush=True)
-        raw = compare(jobs, args.repeats, args.wait_idle, args.idle_below, log=lambda s: print(s, flush=True))
+        raw = compare(jobs, args.repeats, args.wait_idle, args.idle_below, args.retries, args.noisy_above,
+                      log=lambda s: print(s, flush=True))
         summary = summarize(raw, sides)
         results.update({"runs": raw, "summary": summary})
         print()
