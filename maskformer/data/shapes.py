@@ -163,8 +163,10 @@ def _thing_mask(shape: str, cy: float, cx: float, r: float, theta: float, yy: np
 def generate_shapes_image(
     seed: int, split: str, index: int, image_size: int = 128, num_things: tuple[int, int] = (2, 5),
     thing_shapes: tuple[str, ...] = _THING_SHAPES,
+    max_rotation: float = 180.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """One deterministic sample; thing classes drawn from ``thing_shapes`` (contiguous ids after the stuff).
+    """One deterministic sample; thing classes drawn from ``thing_shapes`` (contiguous ids after the stuff),
+    each turned by a random angle within +-``max_rotation`` degrees (180: any orientation).
 
     Returns:
         image uint8 ``[S,S,3]``, semantic class ids uint8 ``[S,S]``, panoptic segment ids int64 ``[S,S]``
@@ -192,7 +194,11 @@ def generate_shapes_image(
             cls = int(rng.integers(_NUM_STUFF, _NUM_STUFF + len(thing_shapes)))
             r = rng.uniform(0.09, 0.2) * s
             cy, cx = rng.uniform(r * 0.8, s - r * 0.8, size=2)
-            mask = _thing_mask(thing_shapes[cls - _NUM_STUFF], cy, cx, r, rng.uniform(0, 2 * np.pi), pix_y, pix_x)
+            if max_rotation >= 180:
+                theta = rng.uniform(0, 2 * np.pi)
+            else:
+                theta = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+            mask = _thing_mask(thing_shapes[cls - _NUM_STUFF], cy, cx, r, theta, pix_y, pix_x)
             area = int(mask.sum())
             if area < min_area:
                 continue
@@ -254,11 +260,12 @@ def generate_shapes_image(
 
 
 def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, num_images: int, seed: int, num_things,
-                things: tuple[str, ...] = _THING_SHAPES) -> Path:
+                things: tuple[str, ...] = _THING_SHAPES, max_rotation: float = 180.0) -> Path:
     """The cache folder of one split for these options."""
     key = json.dumps(
         {"v": _VERSION, "split": split, "size": image_size, "n": num_images, "seed": seed, "things": list(num_things),
-         **({} if tuple(things) == _THING_SHAPES else {"shapes": list(things)})},
+         **({} if tuple(things) == _THING_SHAPES else {"shapes": list(things)}),
+         **({} if max_rotation >= 180 else {"rotation": float(max_rotation)})},
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -267,10 +274,12 @@ def shapes_root(parent: str | os.PathLike | None, split: str, image_size: int, n
     return Path(parent) / f"shapes-{digest}"
 
 
-def _write_images(out: Path, split: str, image_size: int, seed: int, num_things, things, indices: range) -> tuple[list, list]:
+def _write_images(out: Path, split: str, image_size: int, seed: int, num_things, things, max_rotation,
+                  indices: range) -> tuple[list, list]:
     images, annotations = [], []
     for i in indices:
-        image, semantic, pan, segments = generate_shapes_image(seed, split, i, image_size, tuple(num_things), things)
+        image, semantic, pan, segments = generate_shapes_image(seed, split, i, image_size, tuple(num_things), things,
+                                                               max_rotation)
         stem = f"{split}_{i:06d}"
         Image.fromarray(image).save(out / "images" / split / f"{stem}.jpg", quality=95)
         Image.fromarray(semantic).save(out / "masks" / split / f"{stem}.png")
@@ -280,7 +289,8 @@ def _write_images(out: Path, split: str, image_size: int, seed: int, num_things,
     return images, annotations
 
 
-def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things, things) -> None:
+def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: int, num_things, things,
+                 max_rotation) -> None:
     names, is_thing, _ = _class_table(things)
     for sub in ("images", "masks", "panoptic"):
         (out / sub / split).mkdir(parents=True, exist_ok=True)
@@ -291,10 +301,10 @@ def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: 
     chunks = [range(k * num_images // max(workers, 1), (k + 1) * num_images // max(workers, 1)) for k in range(max(workers, 1))]
     if workers > 1 and not multiprocessing.current_process().daemon:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_write_images, *zip(*[(out, split, image_size, seed, num_things, things, c)
+            parts = list(pool.map(_write_images, *zip(*[(out, split, image_size, seed, num_things, things, max_rotation, c)
                                                           for c in chunks])))
     else:
-        parts = [_write_images(out, split, image_size, seed, num_things, things, range(num_images))]
+        parts = [_write_images(out, split, image_size, seed, num_things, things, max_rotation, range(num_images))]
     images = [x for part in parts for x in part[0]]
     annotations = [x for part in parts for x in part[1]]
     categories = [{"id": i, "name": n, "isthing": int(t)} for i, (n, t) in enumerate(zip(names, is_thing))]
@@ -303,15 +313,15 @@ def _write_split(out: Path, split: str, image_size: int, num_images: int, seed: 
 
 
 def ensure_shapes(parent, split: str, image_size: int, num_images: int, seed: int, num_things,
-                  things: tuple[str, ...] = _THING_SHAPES) -> Path:
+                  things: tuple[str, ...] = _THING_SHAPES, max_rotation: float = 180.0) -> Path:
     """Generate the split into the cache unless it is already there; returns the dataset root."""
-    final = shapes_root(parent, split, image_size, num_images, seed, num_things, things)
+    final = shapes_root(parent, split, image_size, num_images, seed, num_things, things, max_rotation)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _write_split(tmp, split, image_size, num_images, seed, num_things, things)
+        _write_split(tmp, split, image_size, num_images, seed, num_things, things, max_rotation)
         try:
             os.rename(tmp, final)  # atomic; fails if another process finished first
         except OSError:
@@ -332,12 +342,14 @@ def shapes_records(
     seed: int = 0,
     num_things: list[int] | tuple[int, int] = (2, 5),
     things: list[str] | tuple[str, ...] = _THING_SHAPES,
+    max_rotation: float = 180.0,
 ) -> list[dict]:
     """Records of the shapes split (generated on first use). ``root`` (optional) is the cache parent folder.
 
     Options: ``image_size`` (square side), ``num_images`` (default 2000 for train, 200 otherwise),
     ``seed``, ``num_things`` ([min, max] instances per image), ``things`` (which shapes to draw, a
-    subset of circle/square/triangle/cross; the classes are the 3 stuff classes then these, in order).
+    subset of circle/square/triangle/cross; the classes are the 3 stuff classes then these, in order),
+    ``max_rotation`` (degrees; things are turned by up to this much, 180 = any orientation).
     """
     from maskformer.data.formats import folder_records
 
@@ -350,5 +362,8 @@ def shapes_records(
         raise ValueError(f"shapes: num_images must be >= 1, got {n}")
     things = tuple(things)
     _class_table(things)  # validates
-    dataset_root = ensure_shapes(root, split, image_size, n, seed, tuple(int(v) for v in num_things), things)
+    if not 0 <= max_rotation <= 180:
+        raise ValueError(f"shapes: max_rotation must be in [0, 180] degrees, got {max_rotation}")
+    dataset_root = ensure_shapes(root, split, image_size, n, seed, tuple(int(v) for v in num_things), things,
+                                 float(max_rotation))
     return folder_records(str(dataset_root), split, name="shapes")
