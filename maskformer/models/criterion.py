@@ -293,11 +293,11 @@ class SetCriterion(nn.Module):
         """Indices of every decoder layer (main output first), each matched independently."""
         if not isinstance(self.matcher, HungarianMatcher):
             return [self.matcher(layer, targets) for layer in layers]
-        # One batched cost computation for all layers; targets downsampled once.
+        # All layers together (one host transfer); targets downsampled once.
         masks = self.matcher.matching_masks(targets, layers[0]["pred_masks"].shape[-2:])
         device = layers[0]["pred_masks"].device
-        return self.matcher.match_layers(torch.stack([layer["pred_logits"] for layer in layers]),
-                                         torch.stack([layer["pred_masks"] for layer in layers]),
+        return self.matcher.match_layers([layer["pred_logits"] for layer in layers],
+                                         [layer["pred_masks"] for layer in layers],
                                          [t["labels"].to(device) for t in targets], [m.to(device) for m in masks])
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,11 +9,14 @@ optional point-sampled variant (Mask2Former) evaluates them at random points ins
 
 With deep supervision every decoder layer is matched independently (as the original does).
 :meth:`HungarianMatcher.match_layers` computes the cost matrices of all layers of an image in one
-batched computation and moves all of them to the CPU in one transfer, which is what makes
-matching cheap on a GPU (the solver itself takes microseconds for 100 x N matrices).
+batched computation on a GPU and moves all images' matrices to the CPU in one transfer, which is
+what makes matching cheap there (the solver takes microseconds for 100 x N matrices); on a CPU it
+goes layer by layer in cache-sized blocks.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -173,20 +176,34 @@ class HungarianMatcher(nn.Module):
         return self.match_layers(pred_logits[None], pred_masks[None], labels, masks)[0]
 
     @torch.no_grad()
-    def match_layers(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels: list[torch.Tensor],
+    def match_layers(self, pred_logits: torch.Tensor | Sequence[torch.Tensor],
+                     pred_masks: torch.Tensor | Sequence[torch.Tensor], labels: list[torch.Tensor],
                      masks: list[torch.Tensor]) -> list[Indices]:
         """Independent matchings of L decoder layers, computed together.
 
         Args:
-            pred_logits: [L,B,Q,K+1]; pred_masks: [L,B,Q,h,w];
+            pred_logits: [L,B,Q,K+1] (or a sequence of L [B,Q,K+1]);
+            pred_masks: [L,B,Q,h,w] (or a sequence of L [B,Q,h,w]);
             labels, masks: one entry per image, masks from :meth:`matching_masks`.
         Returns:
             [L] lists of [B] ``(pred_idx, tgt_idx)`` pairs.
         """
-        num_layers, batch = pred_logits.shape[:2]
-        # All layers of an image in one batched computation, all images in one device -> host copy.
-        costs = [self.cost_matrix(pred_logits[:, b], pred_masks[:, b], labels[b], masks[b])
-                 for b in range(batch) if labels[b].numel() > 0]  # each [L, Q, N_b]
+        num_layers, batch = len(pred_masks), pred_masks[0].shape[0]
+        on_cpu = pred_masks[0].device.type == "cpu"
+        costs = []  # per image with targets: [L, Q, N_b]
+        for b in range(batch):
+            if labels[b].numel() == 0:
+                continue
+            if on_cpu:
+                # Layer by layer (each in cache-sized blocks): no [L, Q, h, w] copy to allocate.
+                costs.append(torch.stack([self.cost_matrix(logits[b], layer_masks[b], labels[b], masks[b])
+                                          for logits, layer_masks in zip(pred_logits, pred_masks)]))
+            else:
+                # All layers of an image in one batched computation.
+                costs.append(self.cost_matrix(torch.stack([logits[b] for logits in pred_logits]),
+                                              torch.stack([layer_masks[b] for layer_masks in pred_masks]),
+                                              labels[b], masks[b]))
+        # All images' matrices in one device -> host copy.
         host = torch.cat([c.flatten() for c in costs]).cpu().split([c.numel() for c in costs]) if costs else []
         host_costs = iter(h.view(c.shape) for h, c in zip(host, costs))
         empty = torch.empty(0, dtype=torch.int64)

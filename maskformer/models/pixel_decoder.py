@@ -74,7 +74,8 @@ class PixelDecoder(nn.Module):
     def _top_down(self, features: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         for i, name in ((3, "res4"), (2, "res3"), (1, "res2")):
             lateral = getattr(self, f"adapter_{i}")(features[name])
-            y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest")
+            # In place into the fresh upsampled map: one full-resolution allocation fewer.
+            y = F.interpolate(y, size=lateral.shape[-2:], mode="nearest").add_(lateral)
             y = getattr(self, f"layer_{i}")(y)
         return y
 

@@ -54,23 +54,19 @@ class MaskEinsum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         mask_embed, mask_features = ctx.saved_tensors
-        layers, batch, queries, channels = mask_embed.shape
-        embed = mask_embed.to(ctx.dtype).reshape(layers, batch, queries, channels)
+        embed = mask_embed.to(ctx.dtype)  # [L, B, Q, C]
         features = mask_features.to(ctx.dtype).flatten(2)  # [B, C, HW]
-        grad = grad.to(ctx.dtype).reshape(layers, batch, queries, -1)
+        grad = grad.to(ctx.dtype).flatten(3)  # [L, B, Q, HW]
         grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
         with torch.autocast(grad.device.type, enabled=False):
-            for b in range(batch):
-                g = grad[:, b].reshape(layers * queries, -1)  # [L*Q, HW]
-                rows = g.ne(0).any(1).nonzero()[:, 0]
-                g = g[rows]
+            for b in range(grad.shape[1]):
+                layer, query = grad[:, b].ne(0).any(-1).nonzero(as_tuple=True)
+                g = grad[layer, b, query]  # [R, HW], the rows that are not all zero
                 if grad_embed is not None:
-                    rows_embed = embed.new_zeros(layers * queries, channels)
-                    rows_embed[rows] = g @ features[b].T
-                    grad_embed[:, b] = rows_embed.view(layers, queries, channels)
+                    grad_embed[layer, b, query] = g @ features[b].T
                 if grad_features is not None:
-                    grad_features[b] = embed[:, b].reshape(layers * queries, channels)[rows].T @ g
+                    grad_features[b] = embed[layer, b, query].T @ g
         return (None if grad_embed is None else grad_embed.to(mask_embed.dtype),
                 None if grad_features is None else grad_features.view_as(mask_features).to(mask_features.dtype))
 
