@@ -487,6 +487,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise TypeError(f"expected number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is str:
+        if value is False and "off" in _CHOICES.get(key, ()):
+            return "off"  # YAML 1.1 reads an unquoted `off` as false
         if not isinstance(value, str):
             raise TypeError(f"expected string, got {type(value).__name__} {value!r}")
         return value
@@ -521,7 +523,7 @@ def _check_partial(data: Any, cls: type, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{dotted}': {err}") from None
 
 
-def _build(cls: type, data: dict, base: Any = None) -> Any:
+def _build(cls: type, data: dict, base: Any = None, prefix: str = "") -> Any:
     """``base`` (default ``cls()``) with the values in ``data`` applied, recursively.
 
     Nested sections start from their parent's default, not their own class default: a partial
@@ -536,9 +538,9 @@ def _build(cls: type, data: dict, base: Any = None) -> Any:
         tp = hints[name]
         value = data[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, getattr(base, name))
+            kwargs[name] = _build(tp, value, getattr(base, name), f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, name)
+            kwargs[name] = _coerce(value, tp, prefix + name)
     return dataclasses.replace(base, **kwargs)
 
 

@@ -65,6 +65,10 @@ def test_overrides_are_parsed_as_yaml():
     assert parse_override("model.backbone.name=swin_tiny_patch4_window7_224") == (
         "model.backbone.name", "swin_tiny_patch4_window7_224")
     assert config_from_dict({}, ["model.backbone.pretrained=/w/r50.pth"]).model.backbone.pretrained == "/w/r50.pth"
+    # YAML 1.1 reads a bare `off` as false; where "off" is a choice it means "off", elsewhere false stays an error
+    assert config_from_dict({}, ["train.amp=bf16", "train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="data.mapper"):
+        config_from_dict({}, ["data.mapper=off"])
 
 
 def test_partial_nested_sections_keep_their_parents_defaults():
