@@ -78,6 +78,21 @@ def test_frozen_bn_is_buffers_and_eval_like(resnet18):
         torch.testing.assert_close(eval_out[name], ref_out[name], rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_bn_keeps_bf16_activations_under_autocast(resnet18):
+    from maskformer.models.backbone import FrozenBatchNorm2d as FusedFrozenBatchNorm2d
+
+    frozen = [m for m in resnet18.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and all(type(m) is FusedFrozenBatchNorm2d for m in frozen)
+    bn = frozen[0]
+    x = torch.randn(2, bn.num_features, 6, 6)
+    # torchvision's formula, computed by its own forward
+    torch.testing.assert_close(bn(x), FrozenBatchNorm2d.forward(bn, x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        features = resnet18.eval()(torch.randn(1, 3, 64, 64))
+    # torchvision's FrozenBatchNorm2d promotes to fp32 here, which makes every bf16 convolution cast again
+    assert all(f.dtype == torch.bfloat16 for f in features.values())
+
+
 def test_resnet50_parameter_counts():
     frozen = build_backbone("resnet50.tv_in1k")
     assert sum(p.numel() for p in frozen.parameters()) == 23_454_912  # the original's convs-only count

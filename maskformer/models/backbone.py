@@ -15,7 +15,8 @@
   (``convnext_tiny``, ``efficientnet_b3``, ...); NHWC outputs are permuted to NCHW.
 
 ``freeze_bn=True`` (the original's detectron2 ``FrozenBN``) replaces every BatchNorm by a frozen one
-whose affine parameters and statistics are buffers. ``pretrained=True`` loads timm's weights
+whose affine parameters and statistics are buffers (:class:`FrozenBatchNorm2d`, one fused
+``batch_norm`` call that keeps bf16 activations in bf16 under autocast). ``pretrained=True`` loads timm's weights
 (downloads); a path loads a local state dict (see :func:`load_backbone_weights`).
 """
 
@@ -27,14 +28,16 @@ from typing import Any, Mapping, Sequence, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNorm2d as TimmFrozenBatchNorm2d  # torchvision's, where installed
 from timm.models import split_model_name_tag
 from torch import Tensor, nn
 
 from maskformer.interop.backbone_keys import resnet_d2_to_ours, swin_hf_to_ours, swin_official_to_ours
 from maskformer.models.swin import SWIN_VARIANTS, SwinTransformer
 
-__all__ = ["Backbone", "build_backbone", "load_backbone_weights", "ALIASES"]
+__all__ = ["Backbone", "FrozenBatchNorm2d", "build_backbone", "load_backbone_weights", "ALIASES"]
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES = (4, 8, 16, 32)
@@ -132,9 +135,25 @@ def build_backbone(
         )
     if freeze_bn:
         backbone.body = freeze_batch_norm_2d(backbone.body)
+        for module in backbone.body.modules():
+            if type(module) is TimmFrozenBatchNorm2d:
+                module.__class__ = FrozenBatchNorm2d
     if path is not None:
         load_backbone_weights(backbone, path)
     return backbone
+
+
+class FrozenBatchNorm2d(TimmFrozenBatchNorm2d):
+    """The frozen BatchNorm timm uses (same buffers and state-dict keys) computed by one ``F.batch_norm`` call.
+
+    That one computes ``x * scale + bias`` with its fp32 buffers, which under bf16 autocast
+    promotes every activation of the backbone back to fp32 (and every next convolution casts it
+    down again); ``batch_norm`` accepts bf16 input with fp32 statistics and returns bf16.
+    Input and output ``[B, C, H, W]``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def _create_features_model(name: str, **kwargs: Any) -> nn.Module:
