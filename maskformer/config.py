@@ -93,7 +93,7 @@ class ModelConfig:
     conv_dim: int = 256
     mask_dim: int = 256
     pixel_decoder_enc_layers: int = 6
-    # Which map the transformer decoder attends to: res5 | transformer_encoder
+    # Which map the transformer decoder attends to: res5 (the paper) | res4 | res3 | res2 | transformer_encoder
     transformer_in_feature: str = "res5"
     hidden_dim: int = 256
     num_queries: int = 100
@@ -292,7 +292,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.architecture": ("maskformer", "per_pixel_baseline", "per_pixel_baseline_plus"),
     "model.pixel_decoder": ("fpn", "transformer_encoder_fpn"),
-    "model.transformer_in_feature": ("res5", "transformer_encoder"),
+    "model.transformer_in_feature": ("res5", "res4", "res3", "res2", "transformer_encoder"),
     "loss.mask_loss": ("focal", "bce"),
     "loss.matcher": ("hungarian", "fixed"),
     "data.mapper": ("semantic", "panoptic", "detr_panoptic"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskformer.config import config_from_dict
+from maskformer.config import ConfigError, config_from_dict
 from maskformer.models.build import build_criterion, build_maskformer, build_model
 from tests.conftest import tiny_config
 
@@ -97,6 +97,22 @@ def test_variants_build_and_run():
     enc = build_maskformer(tiny_config("model.pixel_decoder=transformer_encoder_fpn",
                                        "model.transformer_in_feature=transformer_encoder"))
     assert isinstance(enc.predictor.input_proj, torch.nn.Identity)
+
+
+def test_queries_can_attend_to_a_finer_backbone_map():
+    """The original reads ``features[TRANSFORMER_IN_FEATURE]``: any backbone map may feed the decoder."""
+    torch.manual_seed(0)
+    model = build_maskformer(tiny_config("model.transformer_in_feature=res4")).eval()
+    channels = model.backbone.out_channels
+    assert model.predictor.input_proj.in_channels == channels["res4"] != channels["res5"]
+    seen = {}
+    model.predictor.decoder.layers[0].register_forward_hook(lambda mod, args, out: seen.update(memory=args[1]))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert seen["memory"].shape[:2] == (1, (64 // 16) ** 2)  # [B, H/16 * W/16, hidden]: res4's tokens
+    assert out["pred_masks"].shape == (1, 8, 16, 16)
+    with pytest.raises(ConfigError, match="transformer_in_feature"):
+        tiny_config("model.transformer_in_feature=res6")
 
 
 def _paper_config(backbone, *extra):

@@ -54,7 +54,8 @@ def build_maskformer(cfg: Config) -> MaskFormer:
     backbone = build_backbone(m)
     channels = [backbone.out_channels[f] for f in ("res2", "res3", "res4", "res5")]
     pixel_decoder = build_pixel_decoder(m, channels)
-    predictor_in = m.conv_dim if m.transformer_in_feature == "transformer_encoder" else channels[3]
+    predictor_in = (m.conv_dim if m.transformer_in_feature == "transformer_encoder"
+                    else backbone.out_channels[m.transformer_in_feature])
     model = MaskFormer(backbone=backbone, pixel_decoder=pixel_decoder, predictor=build_predictor(m, predictor_in),
                        transformer_in_feature=m.transformer_in_feature, pixel_mean=tuple(m.pixel_mean),
                        pixel_std=tuple(m.pixel_std), size_divisibility=m.size_divisibility)

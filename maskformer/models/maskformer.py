@@ -22,6 +22,9 @@ class InferenceSettings:
     detections_per_image: int = 100
 
 
+TRANSFORMER_IN_FEATURES = ("res5", "res4", "res3", "res2", "transformer_encoder")
+
+
 class MaskFormer(nn.Module):
     """Mask classification for semantic/panoptic/instance segmentation.
 
@@ -29,8 +32,10 @@ class MaskFormer(nn.Module):
         backbone: returns {"res2".."res5"} NCHW maps (see ``maskformer.models.backbone``).
         pixel_decoder: maps backbone features to (per-pixel embeddings at stride 4, encoder output or None).
         predictor: the transformer predictor.
-        transformer_in_feature: "res5" (attend to the backbone's last map) or "transformer_encoder"
-            (attend to the pixel decoder's encoder output, the "+6 Enc" models).
+        transformer_in_feature: which map the queries attend to: a backbone map, "res5" (the
+            paper's models) or a finer "res4"/"res3"/"res2" (the original accepts any backbone
+            feature name here), or "transformer_encoder" (the pixel decoder's encoder output, the
+            "+6 Enc" models).
         pixel_mean, pixel_std: RGB normalisation on the 0-255 scale (used by ``predict``; ``forward``
             expects normalised input).
         size_divisibility: inputs are padded to a multiple of this (by the collator / ``predict``).
@@ -47,8 +52,8 @@ class MaskFormer(nn.Module):
                  pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
                  size_divisibility: int = 32):
         super().__init__()
-        if transformer_in_feature not in ("res5", "transformer_encoder"):
-            raise ValueError(f"transformer_in_feature must be 'res5' or 'transformer_encoder', "
+        if transformer_in_feature not in TRANSFORMER_IN_FEATURES:
+            raise ValueError(f"transformer_in_feature must be one of {TRANSFORMER_IN_FEATURES}, "
                              f"got {transformer_in_feature!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -72,7 +77,7 @@ class MaskFormer(nn.Module):
         if self.transformer_in_feature == "transformer_encoder":
             x = encoder_features
         else:
-            x = features["res5"]
+            x = features[self.transformer_in_feature]
         return self.predictor(x, mask_features, with_aux=with_aux)
 
     def predict(self, image: Any, *, panoptic: bool = False, instance: bool = False):

@@ -222,7 +222,8 @@ def build_per_pixel_model(cfg) -> MaskFormer:
         model = PerPixelBaseline(num_classes=m.num_classes, **common)
     else:
         predictor = ClassQueryPredictor(
-            in_channels=m.conv_dim if m.transformer_in_feature == "transformer_encoder" else channels[3],
+            in_channels=(m.conv_dim if m.transformer_in_feature == "transformer_encoder"
+                         else backbone.out_channels[m.transformer_in_feature]),
             num_classes=m.num_classes, hidden_dim=m.hidden_dim, nheads=m.nheads,
             dim_feedforward=m.dim_feedforward, dropout=m.dropout, dec_layers=m.dec_layers, pre_norm=m.pre_norm,
             mask_dim=m.mask_dim, enforce_input_proj=m.enforce_input_proj, deep_supervision=m.deep_supervision)
