@@ -310,9 +310,9 @@ def test_mask_classification_trains_with_fixed_and_bipartite_matching(tmp_path, 
 def test_demo_baseline_configs_build_and_inherit_the_demo():
     demo = load_config(REPO / "configs" / "demo" / "shapes_tiny.yaml")
     for name, arch, queries, matcher in [("per_pixel_baseline", "per_pixel_baseline", None, None),
-                                         ("per_pixel_baseline_plus", "per_pixel_baseline_plus", 7, None),
-                                         ("maskformer_fixed", "maskformer", 7, "fixed"),
-                                         ("maskformer_bipartite", "maskformer", 7, "hungarian")]:
+                                         ("per_pixel_baseline_plus", "per_pixel_baseline_plus", 6, None),
+                                         ("maskformer_fixed", "maskformer", 6, "fixed"),
+                                         ("maskformer_bipartite", "maskformer", 6, "hungarian")]:
         cfg = load_config(REPO / "configs" / "demo" / "baselines" / f"{name}.yaml")
         assert cfg.model.architecture == arch
         assert (cfg.solver, cfg.data, cfg.model.backbone) == (demo.solver, demo.data, demo.model.backbone)
