@@ -76,6 +76,9 @@ class BackboneConfig:
     pretrained: Union[bool, str] = False
     freeze_bn: bool = True
     drop_path_rate: float = 0.0
+    # Recompute the backbone's blocks in backward instead of storing their activations: less training
+    # memory (Swin-T at 512x512: see docs/performance.md), about a third more backbone compute.
+    grad_checkpointing: bool = False
     # Extra keyword arguments for ``timm.create_model`` (plain values only).
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -90,10 +90,12 @@ def test_variants_build_and_run():
     for extra in (["model.pre_norm=true"],
                   ["model.pixel_decoder=transformer_encoder_fpn", "model.transformer_in_feature=transformer_encoder"],
                   ["model.enforce_input_proj=true"],
+                  ["model.backbone.grad_checkpointing=true"],
                   ["model.deep_supervision=false"]):
         model = build_maskformer(tiny_config(*extra)).train()
         out = model(torch.randn(1, 3, 64, 64))
         assert out["pred_masks"].shape == (1, 8, 16, 16), extra
+    assert build_maskformer(tiny_config("model.backbone.grad_checkpointing=true")).backbone.body.grad_checkpointing
     enc = build_maskformer(tiny_config("model.pixel_decoder=transformer_encoder_fpn",
                                        "model.transformer_in_feature=transformer_encoder"))
     assert isinstance(enc.predictor.input_proj, torch.nn.Identity)

@@ -82,6 +82,13 @@ class Backbone(nn.Module):
         self.feature_indices = list(feature_indices) if feature_indices is not None else None
         self.channels_last_output = channels_last_output
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for training memory: the body's blocks (Swin) or stages (timm models) keep only
+        their inputs and run again in backward. Outputs and gradients are unchanged."""
+        if not hasattr(self.body, "set_grad_checkpointing"):
+            raise ValueError(f"backbone '{self.name}' does not support gradient checkpointing")
+        self.body.set_grad_checkpointing(enable)
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if x.dim() != 4:
             raise ValueError(f"backbone '{self.name}' expects images [B, C, H, W], got shape {tuple(x.shape)}")

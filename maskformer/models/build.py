@@ -23,8 +23,11 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     from maskformer.models.backbone import build_backbone as _build
 
     b = cfg.backbone
-    return _build(b.name, pretrained=b.pretrained, freeze_bn=b.freeze_bn, drop_path_rate=b.drop_path_rate,
-                  **b.kwargs)
+    backbone = _build(b.name, pretrained=b.pretrained, freeze_bn=b.freeze_bn, drop_path_rate=b.drop_path_rate,
+                      **b.kwargs)
+    if b.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
 
 
 def build_pixel_decoder(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:

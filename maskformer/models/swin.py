@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, get_relative_position_index
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["SWIN_VARIANTS", "SwinTransformer", "SwinStage", "SwinBlock", "WindowAttention", "window_layout"]
 
@@ -222,6 +223,7 @@ class SwinStage(nn.Module):
         drop_path: Sequence[float] = (),
     ):
         super().__init__()
+        self.grad_checkpointing = False
         self.downsample = PatchMerging(in_dim, dim) if downsample else nn.Identity()
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.Sequential(
@@ -234,7 +236,13 @@ class SwinStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, H, W, C_in] -> [B, ceil(H/2), ceil(W/2), C] (or the same size without downsampling)."""
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
+        for block in self.blocks:
+            # Keeps only each block's input; the block runs again in backward (same dropout masks).
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
 
 class SwinTransformer(nn.Module):
@@ -292,6 +300,11 @@ class SwinTransformer(nn.Module):
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward instead of keeping its activations (training memory)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.patch_embed(x)  # [B, H/4, W/4, C]
