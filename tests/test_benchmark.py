@@ -121,8 +121,11 @@ def test_analyze_model_on_a_tiny_config(tmp_path, capsys):
 
 
 def test_parse_variant():
-    assert bench.parse_variant("fp32") == {"amp": "off", "channels_last": False, "num_points": 0}
-    assert bench.parse_variant("bf16-cl-p12544") == {"amp": "bf16", "channels_last": True, "num_points": 12544}
+    assert bench.parse_variant("fp32") == {"amp": "off", "channels_last": False, "num_points": 0,
+                                           "grad_checkpointing": False}
+    assert bench.parse_variant("bf16-cl-p12544") == {"amp": "bf16", "channels_last": True, "num_points": 12544,
+                                                     "grad_checkpointing": False}
+    assert bench.parse_variant("fp32-p12544-gc")["grad_checkpointing"]
     with pytest.raises(ValueError, match="unknown part"):
         bench.parse_variant("fp32-x")
     with pytest.raises(ValueError, match="must start with"):

@@ -26,8 +26,9 @@ Both sides use random weights, the same seed, images, targets, classes, queries 
 Hugging Face Swin gets ``drop_path_rate=0`` like ours. Differences that stay: HF's ResNet trains
 its BatchNorms, ours are frozen (the original's FrozenBN); HF has no attention dropout.
 
-A variant is ``PRECISION[-cl][-pN]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
-``-pN`` point-sampled mask losses on N points (Mask2Former's, ``loss.num_points=N``; train only).
+A variant is ``PRECISION[-cl][-pN][-gc]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
+``-pN`` point-sampled mask losses on N points (Mask2Former's, ``loss.num_points=N``; train only),
+``-gc`` backbone gradient checkpointing (``model.backbone.grad_checkpointing``; train only).
 The Hugging Face side always runs fp32, contiguous: the ratios compare against that baseline.
 
 Noise: the sides alternate (the order flips every repeat) and each measurement records the load
@@ -123,18 +124,22 @@ def random_targets(batch: int, num_masks: int, num_classes: int, size: tuple[int
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-    """``PRECISION[-cl][-pN]`` -> {"amp", "channels_last", "num_points"}, e.g. ``bf16-cl``, ``fp32-p12544``."""
+    """``PRECISION[-cl][-pN][-gc]`` -> {"amp", "channels_last", "num_points", "grad_checkpointing"},
+    e.g. ``bf16-cl``, ``fp32-p12544-gc``."""
     parts = name.split("-")
     if parts[0] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"variant {name!r}: must start with fp32, bf16 or fp16")
-    out = {"amp": "off" if parts[0] == "fp32" else parts[0], "channels_last": False, "num_points": 0}
+    out = {"amp": "off" if parts[0] == "fp32" else parts[0], "channels_last": False, "num_points": 0,
+           "grad_checkpointing": False}
     for part in parts[1:]:
         if part == "cl":
             out["channels_last"] = True
+        elif part == "gc":
+            out["grad_checkpointing"] = True
         elif part.startswith("p") and part[1:].isdigit():
             out["num_points"] = int(part[1:])
         else:
-            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl' or 'pN')")
+            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl', 'pN' or 'gc')")
     return out
 
 
@@ -340,10 +345,11 @@ def run_job(job: Job) -> dict[str, Any]:
     if job.side == "hf":
         model, criterion = hf_model(job.backbone, job.num_classes, job.num_queries,
                                     aux=job.aux and job.task == "train").to(device), None
-        variant = {"amp": "off", "channels_last": False, "num_points": 0}
+        variant = {"amp": "off", "channels_last": False, "num_points": 0, "grad_checkpointing": False}
     else:
         variant = parse_variant(job.side)
-        extra = [f"loss.num_points={variant['num_points']}", f"model.deep_supervision={str(job.aux).lower()}"]
+        extra = [f"loss.num_points={variant['num_points']}", f"model.deep_supervision={str(job.aux).lower()}",
+                 f"model.backbone.grad_checkpointing={str(variant['grad_checkpointing']).lower()}"]
         cfg = paper_config(BACKBONES[job.backbone][0] if job.backbone in BACKBONES else job.backbone,
                            job.num_classes, job.num_queries, extra)
         model = build_maskformer(cfg).to(device)
@@ -720,8 +726,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = []
         for task in tasks:
             for side in sides:
-                # Point sampling changes the loss only: its inference is the plain variant's.
-                if task == "infer" and side != "hf" and parse_variant(side)["num_points"] > 0:
+                # Point sampling and checkpointing change training only: inference is the plain variant's.
+                if task == "infer" and side != "hf" and (parse_variant(side)["num_points"] > 0
+                                                          or parse_variant(side)["grad_checkpointing"]):
                     continue
                 jobs.append(Job(side=side, task=task, runs=args.runs if task == "infer" else args.train_runs,
                                 **common))
