@@ -30,7 +30,12 @@ BODY = "body."
 Rule = tuple[str, Callable[[re.Match], "str | None"]]
 
 
-def _apply_rules(state_dict: Mapping[str, Tensor], rules: list[Rule], source: str) -> dict[str, Tensor]:
+def rename_keys(state_dict: Mapping[str, Tensor], rules: list[Rule] | tuple[Rule, ...],
+                prefix: str = "") -> tuple[dict[str, Tensor], list[str]]:
+    """Apply the first full-match rule to every key (``None`` drops the key) and prepend ``prefix``.
+
+    Returns the renamed dict and the keys no rule matched (the caller decides how to report them).
+    """
     compiled = [(re.compile(pattern), target) for pattern, target in rules]
     out: dict[str, Tensor] = {}
     unmapped = []
@@ -40,10 +45,15 @@ def _apply_rules(state_dict: Mapping[str, Tensor], rules: list[Rule], source: st
             if match:
                 new_key = target(match)
                 if new_key is not None:
-                    out[BODY + new_key] = value
+                    out[prefix + new_key] = value
                 break
         else:
             unmapped.append(key)
+    return out, unmapped
+
+
+def _apply_rules(state_dict: Mapping[str, Tensor], rules: list[Rule], source: str) -> dict[str, Tensor]:
+    out, unmapped = rename_keys(state_dict, rules, BODY)
     if unmapped:
         raise KeyError(f"{source}: cannot map {len(unmapped)} key(s): {', '.join(unmapped)}")
     return out

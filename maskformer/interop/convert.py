@@ -40,6 +40,9 @@ from torch import Tensor, nn
 
 from maskformer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, describe_mismatch, save_checkpoint
 from maskformer.interop.backbone_keys import (
+    Rule,
+    _drop,
+    rename_keys,
     resnet_d2_to_ours,
     resnet_hf_to_ours,
     swin_hf_to_ours,
@@ -275,24 +278,9 @@ def _backbone_layout(state_dict: Mapping[str, Any]) -> str:
 # Renaming
 # ------------------------------------------------------------------------------------------------
 
-Rule = tuple[str, Callable[[re.Match], "str | None"]]
-
-
 def _rename(state_dict: Mapping[str, Tensor], rules: Sequence[Rule], source: str) -> dict[str, Tensor]:
     """Apply the first full-match rule to every key; ``None`` drops the key; unmatched keys are an error."""
-    compiled = [(re.compile(pattern), target) for pattern, target in rules]
-    out: dict[str, Tensor] = {}
-    unmapped = []
-    for key, value in state_dict.items():
-        for pattern, target in compiled:
-            match = pattern.fullmatch(key)
-            if match:
-                new_key = target(match)
-                if new_key is not None:
-                    out[new_key] = value
-                break
-        else:
-            unmapped.append(key)
+    out, unmapped = rename_keys(state_dict, tuple(rules))
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} unexpected key(s) that map to nothing in MaskFormer: "
                               + _listing(unmapped))
@@ -303,10 +291,6 @@ def _listing(keys: Sequence[str], limit: int = 20) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _drop(_: re.Match) -> None:
-    return None
 
 
 def _split_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
