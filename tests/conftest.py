@@ -24,6 +24,25 @@ TINY_OVERRIDES = [
 ]
 
 
+# A few seconds of real training on a tiny shapes split (7 classes), for trainer-level tests.
+TINY_TRAINING = [
+    "model.num_classes=7",
+    "data.train.options={num_images: 16}",
+    "data.test.options={num_images: 4}",
+    "data.num_workers=0",
+    "data.min_size_train=[64]",
+    "data.max_size_train=128",
+    "data.crop_size=[64,64]",
+    "data.min_size_test=64",
+    "data.max_size_test=64",
+    "solver.ims_per_batch=4",
+    "solver.base_lr=1e-3",
+    "train.device=cpu",
+    "train.log_period=1",
+    "train.eval_period=0",
+]
+
+
 def tiny_config(*overrides: str) -> Config:
     """A ~0.5M-parameter MaskFormer config (timm's test_resnet backbone, 2 decoder layers, 8 queries)."""
     return config_from_dict({}, TINY_OVERRIDES + list(overrides))

@@ -16,27 +16,11 @@ from maskformer.config import SolverConfig, config_from_dict
 from maskformer.engine.optim import build_optimizer, lr_factor, param_groups
 from maskformer.engine.trainer import NonFiniteLossError, train
 from maskformer.models.build import build_maskformer
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, TINY_TRAINING, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-RUN = [
-    "model.num_classes=7",
-    "data.train.options={num_images: 16}",
-    "data.test.options={num_images: 4}",
-    "data.num_workers=0",
-    "data.min_size_train=[64]",
-    "data.max_size_train=128",
-    "data.crop_size=[64,64]",
-    "data.min_size_test=64",
-    "data.max_size_test=64",
-    "solver.ims_per_batch=4",
-    "solver.base_lr=1e-3",
-    "train.device=cpu",
-    "train.log_period=1",
-    "train.eval_period=0",
-    "train.checkpoint_period=3",
-]
+RUN = TINY_TRAINING + ["train.checkpoint_period=3"]
 
 
 def run_config(*extra):

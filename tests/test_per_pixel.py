@@ -17,7 +17,7 @@ from maskformer.models.build import build_criterion, build_maskformer
 from maskformer.models.matcher import FixedMatcher, HungarianMatcher
 from maskformer.models.per_pixel import (ClassQueryPredictor, PerPixelBaseline, PerPixelBaselinePlus,
                                          PerPixelCriterion, c2_msra_fill)
-from tests.conftest import tiny_config
+from tests.conftest import TINY_TRAINING, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4  # tiny_config's num_classes
@@ -252,22 +252,8 @@ def test_fixed_matching_pairs_query_i_with_the_mask_of_class_i_in_every_layer():
 # Training and evaluation through the trainer
 # ------------------------------------------------------------------------------------------------
 
-RUN = [
-    "model.num_classes=7",
-    "data.train.options={num_images: 16}",
-    "data.test.options={num_images: 4}",
-    "data.num_workers=0",
-    "data.min_size_train=[64]",
-    "data.max_size_train=128",
-    "data.crop_size=[64,64]",
-    "data.min_size_test=64",
-    "data.max_size_test=64",
-    "solver.ims_per_batch=4",
-    "solver.base_lr=1e-3",
-    "train.device=cpu",
+RUN = TINY_TRAINING + [
     "train.num_threads=1",  # the test machines are small and shared: more threads only contend
-    "train.log_period=1",
-    "train.eval_period=0",
     "train.checkpoint_period=0",
 ]
 
