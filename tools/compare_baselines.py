@@ -5,7 +5,7 @@ Trains every config with the same iterations, batch, image size and threads (eac
 ``tools/train.py`` process), evaluates it once at the end, and writes a table of mIoU, PQ (mask
 classification only), parameters and seconds per iteration::
 
-    python tools/compare_baselines.py                                  # the configs/demo/baselines set, 1500 its
+    python tools/compare_baselines.py                                  # the configs/demo/baselines set, 4000 its (the demo's budget)
     python tools/compare_baselines.py --max-iter 3000 --jobs 1 --threads 2
     python tools/compare_baselines.py --configs configs/demo/baselines/per_pixel_baseline.yaml \\
         configs/demo/shapes_tiny.yaml solver.base_lr=3e-4              # overrides apply to every run
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", type=Path, default=DEFAULT_CONFIGS,
                         help="configs to compare (default: the four of configs/demo/baselines/)")
-    parser.add_argument("--max-iter", type=int, default=1500, help="iterations of every run (default 1500)")
+    parser.add_argument("--max-iter", type=int, default=4000, help="iterations of every run (default 4000, the demo's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (default 2)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help=f"default {DEFAULT_OUTPUT}")
