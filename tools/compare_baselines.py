@@ -5,7 +5,7 @@ Trains every config with the same iterations, batch, image size and threads (eac
 ``tools/train.py`` process), evaluates it once at the end, and writes a table of mIoU, PQ (mask
 classification only), parameters and seconds per iteration::
 
-    python tools/compare_baselines.py                                  # the configs/demo/baselines set, 4000 its (the demo's budget)
+    python tools/compare_baselines.py                                  # configs/demo/baselines, 4000 its (the demo's)
     python tools/compare_baselines.py --max-iter 3000 --jobs 1 --threads 2
     python tools/compare_baselines.py --configs configs/demo/baselines/per_pixel_baseline.yaml \\
         configs/demo/shapes_tiny.yaml solver.base_lr=3e-4              # overrides apply to every run
