@@ -727,9 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             for side in sides:
                 # Point sampling and checkpointing change training only: inference is the plain variant's.
-                if task == "infer" and side != "hf" and (parse_variant(side)["num_points"] > 0
-                                                          or parse_variant(side)["grad_checkpointing"]):
-                    continue
+                if task == "infer" and side != "hf":
+                    variant = parse_variant(side)
+                    if variant["num_points"] > 0 or variant["grad_checkpointing"]:
+                        continue
                 jobs.append(Job(side=side, task=task, runs=args.runs if task == "infer" else args.train_runs,
                                 **common))
         env = results["environment"]
