@@ -81,16 +81,65 @@ def test_frozen_bn_is_buffers_and_eval_like(resnet18):
 def test_frozen_bn_keeps_bf16_activations_under_autocast(resnet18):
     from maskformer.models.backbone import FrozenBatchNorm2d as FusedFrozenBatchNorm2d
 
-    frozen = [m for m in resnet18.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert frozen and all(type(m) is FusedFrozenBatchNorm2d for m in frozen)
-    bn = frozen[0]
-    x = torch.randn(2, bn.num_features, 6, 6)
+    bn = FusedFrozenBatchNorm2d(8)
+    torch.manual_seed(0)
+    bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    x = torch.randn(2, 8, 6, 6)
     # torchvision's formula, computed by its own forward
     torch.testing.assert_close(bn(x), FrozenBatchNorm2d.forward(bn, x), rtol=1e-5, atol=1e-6)
+    scale, shift = bn.scale_and_shift()
+    torch.testing.assert_close(bn(x), x * scale[:, None, None] + shift[:, None, None], rtol=1e-5, atol=1e-6)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert bn(x.bfloat16()).dtype == torch.bfloat16
         features = resnet18.eval()(torch.randn(1, 3, 64, 64))
     # torchvision's FrozenBatchNorm2d promotes to fp32 here, which makes every bf16 convolution cast again
     assert all(f.dtype == torch.bfloat16 for f in features.values())
+
+
+@pytest.mark.parametrize("name, folded", [("resnet18", 20), ("resnet101c", 106)])
+def test_frozen_bn_folded_into_convolutions(name, folded):
+    """Every frozen BN of a ResNet (blocks, shortcuts, plain and deep stem) is computed by the conv before
+    it; outputs, state-dict keys and the convolutions' gradients are those of conv -> eval-mode BN."""
+    from maskformer.models.backbone import Conv2dFrozenBN, FoldedFrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    reference = build_backbone(name, freeze_bn=False)
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+    reference.eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.requires_grad_(False)
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    backbone = build_backbone(name)  # weights loaded after building: the folded convs must read them
+    assert set(backbone.state_dict()) == set(state)
+    backbone.load_state_dict(state)
+    assert sum(type(m) is Conv2dFrozenBN for m in backbone.modules()) == folded
+    assert sum(type(m) is FoldedFrozenBatchNorm2d for m in backbone.modules()) == folded
+    assert not any(type(m) is nn.Conv2d for m in backbone.modules())
+
+    x = torch.randn(2, 3, 64, 64)
+    out, ref_out = backbone.train()(x), reference(x)
+    loss, ref_loss = (sum((o * o.detach().sign()).mean() for o in outs.values()) for outs in (out, ref_out))
+    loss.backward(), ref_loss.backward()
+    for key in out:  # 33 residual blocks of random weights grow the activations: tolerance relative to the map
+        torch.testing.assert_close(out[key], ref_out[key], rtol=1e-3, atol=1e-5 * ref_out[key].abs().max().item())
+    ref_params = dict(reference.named_parameters())
+    for param_name, param in backbone.named_parameters():
+        ref_grad = ref_params[param_name].grad
+        torch.testing.assert_close(param.grad, ref_grad, rtol=1e-3, atol=1e-5 * ref_grad.abs().max().item(),
+                                   msg=param_name)
+
+
+def test_frozen_bn_not_folded_outside_resnets():
+    from maskformer.models.backbone import FrozenBatchNorm2d as FusedFrozenBatchNorm2d
+    from maskformer.models.backbone import fold_frozen_batch_norm
+
+    # A Sequential (conv, frozen BN) outside a ResNet is left alone, as are unfrozen BatchNorms in a ResNet.
+    assert fold_frozen_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), FusedFrozenBatchNorm2d(4))) == 0
+    assert fold_frozen_batch_norm(build_backbone("resnet18", freeze_bn=False).body) == 0
 
 
 def test_resnet50_parameter_counts():

@@ -16,7 +16,9 @@
 
 ``freeze_bn=True`` (the original's detectron2 ``FrozenBN``) replaces every BatchNorm by a frozen one
 whose affine parameters and statistics are buffers (:class:`FrozenBatchNorm2d`, one fused
-``batch_norm`` call that keeps bf16 activations in bf16 under autocast). ``pretrained=True`` loads timm's weights
+``batch_norm`` call that keeps bf16 activations in bf16 under autocast). In timm ResNets each one
+is then folded into the convolution before it (:func:`fold_frozen_batch_norm`; same outputs,
+gradients and state-dict keys, one pass over the activations less in forward and in backward). ``pretrained=True`` loads timm's weights
 (downloads); a path loads a local state dict (see :func:`load_backbone_weights`).
 """
 
@@ -37,7 +39,8 @@ from torch import Tensor, nn
 from maskformer.interop.backbone_keys import resnet_d2_to_ours, swin_hf_to_ours, swin_official_to_ours
 from maskformer.models.swin import SWIN_VARIANTS, SwinTransformer
 
-__all__ = ["Backbone", "FrozenBatchNorm2d", "build_backbone", "load_backbone_weights", "ALIASES"]
+__all__ = ["Backbone", "Conv2dFrozenBN", "FrozenBatchNorm2d", "FoldedFrozenBatchNorm2d", "build_backbone",
+           "fold_frozen_batch_norm", "load_backbone_weights", "ALIASES"]
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES = (4, 8, 16, 32)
@@ -145,6 +148,7 @@ def build_backbone(
         for module in backbone.body.modules():
             if type(module) is TimmFrozenBatchNorm2d:
                 module.__class__ = FrozenBatchNorm2d
+        fold_frozen_batch_norm(backbone.body)
     if path is not None:
         load_backbone_weights(backbone, path)
     return backbone
@@ -161,6 +165,73 @@ class FrozenBatchNorm2d(TimmFrozenBatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """``(scale [C], shift [C])`` with ``forward(x) == x * scale + shift`` per channel."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm that its preceding :class:`Conv2dFrozenBN` applies: ``forward`` is the identity.
+
+    It keeps its buffers (and state-dict keys), which the convolution reads at every call, so loading
+    weights or moving the model updates the folded convolution too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Conv2dFrozenBN(nn.Conv2d):
+    """A convolution followed by a frozen BatchNorm, computed as one convolution.
+
+    ``conv(x, W * scale) + shift`` equals ``bn(conv(x, W))`` (scale and shift per output channel, see
+    :meth:`FrozenBatchNorm2d.scale_and_shift`), and the gradient reaching ``W`` is the same. It saves
+    the normalisation's pass over the activations in forward and in backward (about 5% of a ResNet-50
+    training step on a CPU); the weight product is cheap next to them. Parameters and state-dict keys
+    are those of the ``nn.Conv2d`` it replaces; the BatchNorm stays registered where it was.
+    """
+
+    frozen_bn: FoldedFrozenBatchNorm2d
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.frozen_bn.scale_and_shift()
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if self.bias is None else shift + self.bias * scale
+        return self._conv_forward(x, weight, bias)
+
+
+def fold_frozen_batch_norm(body: nn.Module) -> int:
+    """Fold every frozen BatchNorm of a timm ResNet (``Bottleneck``/``BasicBlock``, downsampling
+    shortcuts, plain and deep stems) into the convolution before it; returns how many were folded.
+
+    Only layouts known to compute ``bn(conv(x))`` are folded; other models are left as they are.
+    """
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [m for m in body.modules() if isinstance(m, (Bottleneck, BasicBlock))]
+    if not blocks:
+        return 0
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    for block in blocks:
+        pairs += [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+        if isinstance(block.downsample, nn.Sequential):  # ([avg-pool,] conv, bn)
+            pairs += list(zip(block.downsample[:-1], block.downsample[1:]))
+    stem = getattr(body, "conv1", None)
+    if isinstance(stem, nn.Sequential):  # the deep stem: conv, bn, act, conv, bn, act, conv
+        pairs += list(zip(stem[:-1], stem[1:]))
+        stem = stem[-1]
+    if stem is not None and hasattr(body, "bn1"):
+        pairs.append((stem, body.bn1))
+    folded = 0
+    for conv, bn in pairs:
+        if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d and conv.out_channels == bn.weight.numel():
+            conv.__class__, bn.__class__ = Conv2dFrozenBN, FoldedFrozenBatchNorm2d
+            # A plain attribute, not a submodule: the BatchNorm's parameters stay under their own name.
+            object.__setattr__(conv, "frozen_bn", bn)
+            folded += 1
+    return folded
 
 
 def _create_features_model(name: str, **kwargs: Any) -> nn.Module:
