@@ -254,3 +254,81 @@ def test_compiled_model_equals_eager():
             pytest.skip(f"torch.compile is not usable here: {type(error).__name__}: {error}"[:300])
     assert torch.allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
     assert torch.allclose(out["pred_masks"], ref["pred_masks"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 linear layers through oneDNN (maskformer/models/linear.py)
+# ------------------------------------------------------------------------------------------------
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten operators a block of code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (2, 4, 3, 12), (0, 12)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_linear_equals_f_linear_with_gradients(shape, with_bias):
+    from maskformer.models.linear import OneDNNLinear
+
+    torch.manual_seed(0)
+    layer = OneDNNLinear(12, 9, bias=with_bias)
+    reference = torch.nn.Linear(12, 9, bias=with_bias)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with _OpRecorder() as recorder:
+        out = layer(x)
+    ref = reference(x_ref)
+    if x.numel():
+        assert "convolution" in recorder.ops and not {"addmm", "mm"} & recorder.ops  # really the oneDNN path
+    assert out.shape == ref.shape == (*shape[:-1], 9)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    out.backward(grad), ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    for p, p_ref in zip(layer.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_on_a_non_contiguous_input_and_its_fallbacks():
+    from maskformer.models.linear import OneDNNLinear
+
+    torch.manual_seed(0)
+    layer = OneDNNLinear(6, 4)
+    x = torch.randn(3, 6, 5).transpose(1, 2)  # [3, 5, 6], not contiguous
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+    # float64, and bf16 autocast (whose CPU products already run on oneDNN), take F.linear
+    with _OpRecorder() as recorder:
+        assert layer.double()(x.double()).dtype == torch.float64
+    assert "convolution" not in recorder.ops
+    layer.float()
+    with torch.autocast("cpu", torch.bfloat16), _OpRecorder() as recorder:
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and "convolution" not in recorder.ops
+
+
+def test_cpu_linear_switch_keeps_weights_and_outputs():
+    from maskformer.models.linear import OneDNNLinear
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    fast = build_maskformer(cfg).eval()
+    plain = build_maskformer(tiny_config("model.cpu_linear=blas")).eval()
+    assert any(type(m) is OneDNNLinear for m in fast.modules())
+    assert not any(type(m) is OneDNNLinear for m in plain.modules())
+    plain.load_state_dict(fast.state_dict())  # same keys, same shapes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = fast(x), plain(x)
+    torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["pred_masks"], ref["pred_masks"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="model.cpu_linear"):
+        tiny_config("model.cpu_linear=mkl")

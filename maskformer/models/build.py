@@ -11,6 +11,7 @@ from torch import nn
 
 from maskformer.config import Config, LossConfig, ModelConfig, load_config
 from maskformer.models.criterion import SetCriterion, build_weight_dict
+from maskformer.models.linear import use_onednn_linear
 from maskformer.models.maskformer import InferenceSettings, MaskFormer
 from maskformer.models.matcher import FixedMatcher, HungarianMatcher
 from maskformer.models.pixel_decoder import PixelDecoder, TransformerEncoderPixelDecoder
@@ -53,7 +54,7 @@ def build_maskformer(cfg: Config) -> MaskFormer:
     if m.architecture != "maskformer":  # the paper's per-pixel baselines (maskformer/models/per_pixel.py)
         from maskformer.models.per_pixel import build_per_pixel_model
 
-        return build_per_pixel_model(cfg)
+        return _select_cpu_linear(build_per_pixel_model(cfg), m)
     backbone = build_backbone(m)
     channels = [backbone.out_channels[f] for f in ("res2", "res3", "res4", "res5")]
     pixel_decoder = build_pixel_decoder(m, channels)
@@ -63,6 +64,12 @@ def build_maskformer(cfg: Config) -> MaskFormer:
                        transformer_in_feature=m.transformer_in_feature, pixel_mean=tuple(m.pixel_mean),
                        pixel_std=tuple(m.pixel_std), size_divisibility=m.size_divisibility)
     model.inference = build_inference_settings(cfg)
+    return _select_cpu_linear(model, m)
+
+
+def _select_cpu_linear(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    if cfg.cpu_linear == "onednn":
+        use_onednn_linear(model)
     return model
 
 
