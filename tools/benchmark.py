@@ -26,9 +26,11 @@ Both sides use random weights, the same seed, images, targets, classes, queries 
 Hugging Face Swin gets ``drop_path_rate=0`` like ours. Differences that stay: HF's ResNet trains
 its BatchNorms, ours are frozen (the original's FrozenBN); HF has no attention dropout.
 
-A variant is ``PRECISION[-cl][-pN][-gc]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
+A variant is ``PRECISION[-cl][-pN][-gc][-blas]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
 ``-pN`` point-sampled mask losses on N points (Mask2Former's, ``loss.num_points=N``; train only),
-``-gc`` backbone gradient checkpointing (``model.backbone.grad_checkpointing``; train only).
+``-gc`` backbone gradient checkpointing (``model.backbone.grad_checkpointing``; train only), ``-blas``
+fp32 linear layers on PyTorch's default BLAS path instead of oneDNN (``model.cpu_linear: blas``).
+``--linear-kernels`` instead times single linear layers of the benchmarked models both ways.
 The Hugging Face side always runs fp32, contiguous: the ratios compare against that baseline.
 
 Noise: the sides alternate (the order flips every repeat) and each measurement records the load
@@ -58,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))
@@ -124,22 +127,24 @@ def random_targets(batch: int, num_masks: int, num_classes: int, size: tuple[int
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-    """``PRECISION[-cl][-pN][-gc]`` -> {"amp", "channels_last", "num_points", "grad_checkpointing"},
-    e.g. ``bf16-cl``, ``fp32-p12544-gc``."""
+    """``PRECISION[-cl][-pN][-gc][-blas]`` -> {"amp", "channels_last", "num_points", "grad_checkpointing",
+    "cpu_linear"}, e.g. ``bf16-cl``, ``fp32-p12544-gc``, ``fp32-blas``."""
     parts = name.split("-")
     if parts[0] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"variant {name!r}: must start with fp32, bf16 or fp16")
     out = {"amp": "off" if parts[0] == "fp32" else parts[0], "channels_last": False, "num_points": 0,
-           "grad_checkpointing": False}
+           "grad_checkpointing": False, "cpu_linear": "onednn"}
     for part in parts[1:]:
         if part == "cl":
             out["channels_last"] = True
         elif part == "gc":
             out["grad_checkpointing"] = True
+        elif part == "blas":
+            out["cpu_linear"] = "blas"
         elif part.startswith("p") and part[1:].isdigit():
             out["num_points"] = int(part[1:])
         else:
-            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl', 'pN' or 'gc')")
+            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl', 'pN', 'gc' or 'blas')")
     return out
 
 
@@ -345,11 +350,12 @@ def run_job(job: Job) -> dict[str, Any]:
     if job.side == "hf":
         model, criterion = hf_model(job.backbone, job.num_classes, job.num_queries,
                                     aux=job.aux and job.task == "train").to(device), None
-        variant = {"amp": "off", "channels_last": False, "num_points": 0, "grad_checkpointing": False}
+        variant = parse_variant("fp32")
     else:
         variant = parse_variant(job.side)
         extra = [f"loss.num_points={variant['num_points']}", f"model.deep_supervision={str(job.aux).lower()}",
-                 f"model.backbone.grad_checkpointing={str(variant['grad_checkpointing']).lower()}"]
+                 f"model.backbone.grad_checkpointing={str(variant['grad_checkpointing']).lower()}",
+                 f"model.cpu_linear={variant['cpu_linear']}"]
         cfg = paper_config(BACKBONES[job.backbone][0] if job.backbone in BACKBONES else job.backbone,
                            job.num_classes, job.num_queries, extra)
         model = build_maskformer(cfg).to(device)
@@ -560,6 +566,45 @@ def gpu_suite(device: torch.device, out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+# Linear layers of Swin-T at 512x512 (batch 2: tokens per stage) and of the transformer decoder
+# (100 queries x 2 images): (tokens, in, out, what).
+LINEAR_SIZES = [
+    (32768, 96, 288, "Swin-T stage 1 qkv"), (32768, 96, 384, "Swin-T stage 1 fc1"),
+    (32768, 384, 96, "Swin-T stage 1 fc2"), (8192, 192, 576, "Swin-T stage 2 qkv"),
+    (2048, 384, 1536, "Swin-T stage 3 fc1"), (2048, 1536, 384, "Swin-T stage 3 fc2"),
+    (512, 768, 3072, "Swin-T stage 4 fc1"), (200, 256, 2048, "decoder FFN 1"), (200, 2048, 256, "decoder FFN 2"),
+    (200, 256, 151, "class head"),
+]
+
+
+def linear_kernels(log=print, warmup: int = 3, runs: int = 10) -> list[dict[str, Any]]:
+    """Median milliseconds of ``F.linear`` and :func:`~maskformer.models.linear.onednn_linear` (fp32, CPU),
+    forward and forward + backward, for the layer sizes of :data:`LINEAR_SIZES`."""
+    from maskformer.models.linear import onednn_linear
+
+    device = torch.device("cpu")
+    rows = []
+    log("| layer | tokens x in -> out | forward BLAS ms | oneDNN ms | ratio | fwd+bwd BLAS ms | oneDNN ms | ratio |")
+    log("|---|---|---|---|---|---|---|---|")
+    for tokens, c_in, c_out, what in LINEAR_SIZES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, c_in, generator=g, requires_grad=True)
+        weight = torch.randn(c_out, c_in, generator=g, requires_grad=True)
+        bias = torch.randn(c_out, generator=g, requires_grad=True)
+        grad = torch.randn(tokens, c_out, generator=g)
+        row: dict[str, Any] = {"layer": what, "tokens": tokens, "in": c_in, "out": c_out}
+        for name, fn in (("blas", F.linear), ("onednn", onednn_linear)):
+            with torch.no_grad():
+                row[f"{name}_forward_ms"] = 1e3 * _median_time(lambda: fn(x, weight, bias), warmup, runs, device)
+            row[f"{name}_train_ms"] = 1e3 * _median_time(lambda: fn(x, weight, bias).backward(grad), warmup, runs,
+                                                         device)
+        rows.append(row)
+        log(f"| {what} | {tokens} x {c_in} -> {c_out} | {row['blas_forward_ms']:.2f} | {row['onednn_forward_ms']:.2f} "
+            f"| {row['onednn_forward_ms'] / row['blas_forward_ms']:.2f} | {row['blas_train_ms']:.2f} "
+            f"| {row['onednn_train_ms']:.2f} | {row['onednn_train_ms'] / row['blas_train_ms']:.2f} |")
+    return rows
+
+
 @torch.no_grad()
 def precision_agreement(model, loader, metadata, test, device: torch.device, variants: list[str],
                         max_images: int = 0) -> dict[str, dict[str, float]]:
@@ -668,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeat a measurement disturbed by other processes (see --noisy-above) up to this often")
     parser.add_argument("--noisy-above", type=float, default=0.25,
                         help="'disturbed': other processes used more cores than this during the measurement")
+    parser.add_argument("--linear-kernels", action="store_true",
+                        help="instead: time the models' linear layer sizes with F.linear (BLAS) and oneDNN")
     parser.add_argument("--gpu-suite", action="store_true", help="R50 and Swin-T GPU figures (needs --device cuda)")
     parser.add_argument("--json", default=None, help="also write everything to this file")
     parser.add_argument("--agreement", default=None, metavar="CONFIG",
@@ -694,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.variants == "fp32":
             args.variants = "bf16-cl"
         results["agreement"] = agreement_main(args)
+    elif args.linear_kernels:
+        torch.set_num_threads(args.threads)
+        results["linear_kernels"] = linear_kernels(log=lambda line: print(line, flush=True))
     elif args.gpu_suite:
         if not args.device.startswith("cuda"):
             parser.error("--gpu-suite needs --device cuda")

@@ -5,9 +5,11 @@ machines this project is measured on, MKL runs at about half of what the cores c
 its AVX2 kernels on AMD processors), while oneDNN, which PyTorch uses for convolutions, runs its
 AVX-512 kernels. A linear map over tokens ``[..., C_in]`` is a 1x1 convolution over a channels-last
 image with one row of ``N`` tokens, so :func:`onednn_linear` hands it to oneDNN: the same products
-and sums (outputs equal ``F.linear``'s up to rounding order), 1.3-2.5x faster in forward and
-1.3-1.9x in forward + backward for the layer sizes of Swin and the transformer decoder
-(``python tools/benchmark.py --linear-kernels`` prints them for this machine).
+and sums (outputs equal ``F.linear``'s up to rounding order) in 0.22-0.64x of the time in forward
+and 0.47-0.79x in forward + backward for the layer sizes of Swin-T and the transformer decoder (a
+tie for the small class head); ``python tools/benchmark.py --linear-kernels`` prints the table for
+the machine it runs on. Not measured on Intel CPUs, where MKL is not handicapped: ``blas`` may be
+the better choice there.
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters and state-dict keys) that takes this path
 for fp32 CPU inputs outside autocast and ``F.linear`` otherwise (GPUs, bf16 autocast -- whose CPU
