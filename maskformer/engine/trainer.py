@@ -32,6 +32,7 @@ from maskformer.data import build_test_loader, build_train_loader, get_metadata
 from maskformer.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_main_process
 from maskformer.engine.evaluate import autocast_context, evaluate, headline
 from maskformer.engine.logger import RunLogger, Throughput, format_seconds, peak_memory_mb
+from maskformer.engine.memory import keep_freed_memory
 from maskformer.engine.optim import build_optimizer, build_scheduler, lr_factor
 from maskformer.models.build import build_criterion, build_maskformer
 
@@ -196,6 +197,8 @@ def train(cfg: Config, output_dir: str | os.PathLike | None = None, resume: bool
     rank, world_size = get_rank(), get_world_size()
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     solver, runtime = cfg.solver, cfg.train
     if runtime.amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
