@@ -58,7 +58,9 @@ class MaskEinsum(torch.autograd.Function):
         features = mask_features.to(ctx.dtype).flatten(2)  # [B, C, HW]
         grad = grad.to(ctx.dtype).flatten(3)  # [L, B, Q, HW]
         grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
-        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
+        # Every row is written below (R = 0 writes zeros), and writing the products in place spares
+        # page-faulting fresh [C, HW] buffers, which costs more than the products on a CPU.
+        grad_features = torch.empty_like(features) if ctx.needs_input_grad[1] else None
         with torch.autocast(grad.device.type, enabled=False):
             for b in range(grad.shape[1]):
                 layer, query = grad[:, b].ne(0).any(-1).nonzero(as_tuple=True)
@@ -66,7 +68,7 @@ class MaskEinsum(torch.autograd.Function):
                 if grad_embed is not None:
                     grad_embed[layer, b, query] = g @ features[b].T
                 if grad_features is not None:
-                    grad_features[b] = embed[layer, b, query].T @ g
+                    torch.mm(embed[layer, b, query].T, g, out=grad_features[b])
         return (None if grad_embed is None else grad_embed.to(mask_embed.dtype),
                 None if grad_features is None else grad_features.view_as(mask_features).to(mask_features.dtype))
 
