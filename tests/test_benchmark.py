@@ -122,14 +122,25 @@ def test_analyze_model_on_a_tiny_config(tmp_path, capsys):
 
 def test_parse_variant():
     assert bench.parse_variant("fp32") == {"amp": "off", "channels_last": False, "num_points": 0,
-                                           "grad_checkpointing": False}
+                                           "grad_checkpointing": False, "cpu_linear": "onednn"}
     assert bench.parse_variant("bf16-cl-p12544") == {"amp": "bf16", "channels_last": True, "num_points": 12544,
-                                                     "grad_checkpointing": False}
+                                                     "grad_checkpointing": False, "cpu_linear": "onednn"}
     assert bench.parse_variant("fp32-p12544-gc")["grad_checkpointing"]
+    assert bench.parse_variant("fp32-blas")["cpu_linear"] == "blas"
     with pytest.raises(ValueError, match="unknown part"):
         bench.parse_variant("fp32-x")
     with pytest.raises(ValueError, match="must start with"):
         bench.parse_variant("int8")
+
+
+def test_linear_kernels_table(monkeypatch):
+    monkeypatch.setattr(bench, "LINEAR_SIZES", [(64, 8, 12, "small"), (5, 16, 4, "tiny")])
+    lines = []
+    rows = bench.linear_kernels(log=lines.append, warmup=1, runs=2)
+    assert [r["layer"] for r in rows] == ["small", "tiny"]
+    for row in rows:
+        assert all(row[f"{k}_{t}_ms"] > 0 for k in ("blas", "onednn") for t in ("forward", "train"))
+    assert len(lines) == 4 and lines[2].startswith("| small | 64 x 8 -> 12 |")
 
 
 def test_random_targets_are_non_overlapping_and_cover_the_image():
