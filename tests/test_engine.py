@@ -119,6 +119,18 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
     assert (tmp_path / "full" / "config.yaml").is_file() and (tmp_path / "full" / "log.txt").is_file()
 
 
+def test_a_new_run_in_an_old_output_dir_keeps_its_own_metrics(tmp_path):
+    out = tmp_path / "run"
+    train(run_config("solver.max_iter=2", "train.log_period=1"), out)
+    train(run_config("solver.max_iter=3", "train.log_period=1"), out)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # the second run only
+    (previous,) = out.glob("metrics.*.jsonl")
+    assert [json.loads(line)["iteration"] for line in open(previous)
+            if json.loads(line)["kind"] == "train"] == [1, 2]
+    assert previous.name in (out / "log.txt").read_text()
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*last.pth"):
         train(run_config("solver.max_iter=2"), tmp_path / "none", resume=True)

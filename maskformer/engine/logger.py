@@ -41,9 +41,11 @@ class RunLogger:
     Args:
         output_dir: the run's folder (``log.txt``, ``metrics.jsonl``, TensorBoard events).
         enabled: False on non-main ranks.
+        fresh: a new run (not a resumed one): an existing ``metrics.jsonl`` is renamed to
+            ``metrics.<time>.jsonl`` so that the new run's records (and curves drawn from them) are its own.
     """
 
-    def __init__(self, output_dir: Path | None, enabled: bool = True, name: str = "maskformer"):
+    def __init__(self, output_dir: Path | None, enabled: bool = True, name: str = "maskformer", fresh: bool = False):
         self.enabled = enabled and output_dir is not None
         self.output_dir = output_dir
         self.logger = logging.getLogger(f"{name}.{id(self)}")
@@ -58,13 +60,21 @@ class RunLogger:
         for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(output_dir / "log.txt")):
             handler.setFormatter(fmt)
             self.logger.addHandler(handler)
-        self._metrics = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        metrics_path = output_dir / "metrics.jsonl"
+        previous = None
+        if fresh and metrics_path.is_file() and metrics_path.stat().st_size > 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(metrics_path.stat().st_mtime))
+            previous = metrics_path.with_name(f"metrics.{stamp}.jsonl")
+            metrics_path.replace(previous)
+        self._metrics = open(metrics_path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(output_dir))
         except ImportError:  # tensorboard is optional
             self._tb = None
+        if previous is not None:
+            self.info(f"a new run in {output_dir}: the previous run's metrics.jsonl is now {previous.name}")
 
     def info(self, message: str) -> None:
         self.logger.info(message)

@@ -218,7 +218,7 @@ def train(cfg: Config, output_dir: str | os.PathLike | None = None, resume: bool
             raise PermissionError(f"output directory {out} is not writable")
         save_config(cfg, out / "config.yaml")
     barrier()
-    log = RunLogger(out, enabled=is_main_process())
+    log = RunLogger(out, enabled=is_main_process(), fresh=not resume)
     log.info(f"output directory: {out.resolve()}  (rank {rank} of {world_size}, device {device})")
 
     seed_everything(runtime.seed + rank)
