@@ -273,7 +273,7 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (2, 4, 3, 12), (0, 12)])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12), (2, 4, 3, 12), (2, 16, 12), (0, 12)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_onednn_linear_equals_f_linear_with_gradients(shape, with_bias):
     from maskformer.models.linear import OneDNNLinear
@@ -284,8 +284,13 @@ def test_onednn_linear_equals_f_linear_with_gradients(shape, with_bias):
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(*shape, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    with _OpRecorder() as recorder:
-        out = layer(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # on one thread PyTorch keeps small 1x1 convolutions off oneDNN (test below)
+    try:
+        with _OpRecorder() as recorder:
+            out = layer(x)
+    finally:
+        torch.set_num_threads(threads)
     ref = reference(x_ref)
     if x.numel():
         assert "convolution" in recorder.ops and not {"addmm", "mm"} & recorder.ops  # really the oneDNN path
@@ -313,6 +318,22 @@ def test_onednn_linear_on_a_non_contiguous_input_and_its_fallbacks():
     with torch.autocast("cpu", torch.bfloat16), _OpRecorder() as recorder:
         out = layer(x)
     assert out.dtype == torch.bfloat16 and "convolution" not in recorder.ops
+
+
+def test_onednn_linear_on_one_thread_only_where_pytorch_sends_the_convolution_to_onednn():
+    from maskformer.models.linear import OneDNNLinear
+
+    layer, threads = OneDNNLinear(6, 4), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for tokens, expect_conv in ((32, True), (7, False)):  # a batch of 16 images, or F.linear
+            x = torch.randn(tokens, 6)
+            with _OpRecorder() as recorder:
+                out = layer(x)
+            assert ("convolution" in recorder.ops) == expect_conv
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cpu_linear_switch_keeps_weights_and_outputs():

@@ -30,19 +30,26 @@ __all__ = ["OneDNNLinear", "onednn_linear", "use_onednn_linear"]
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` as a oneDNN 1x1 convolution.
 
-    ``x [..., C_in]``, ``weight [C_out, C_in]``, ``bias [C_out]`` -> ``[..., C_out]``. The tokens are
-    viewed (without a copy when ``x`` is contiguous) as a channels-last ``[1, C_in, N, 1]`` image, for
-    which oneDNN writes a channels-last output that is again ``[N, C_out]`` in memory.
+    ``x [..., C_in]``, ``weight [C_out, C_in]``, ``bias [C_out]`` -> ``[..., C_out]``. The N tokens are
+    viewed (without a copy when ``x`` is contiguous) as a channels-last batch of ``[C_in, N/16, 1]``
+    images when 16 divides N, else one ``[C_in, N, 1]`` image; oneDNN writes a channels-last output,
+    which is again ``[N, C_out]`` in memory. (PyTorch sends a 1x1 convolution of a batch below 16 on
+    one thread to its BLAS-based kernel instead of oneDNN; :class:`OneDNNLinear` then uses ``F.linear``.)
     """
-    leading = x.shape[:-1]
-    image = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight[:, :, None, None], bias)
+    leading, tokens = x.shape[:-1], x.numel() // x.shape[-1]
+    batch = 16 if tokens % 16 == 0 else 1
+    images = x.reshape(batch, tokens // batch, 1, x.shape[-1]).permute(0, 3, 1, 2)
+    out = F.conv2d(images, weight[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(*leading, weight.shape[0])
 
 
 def _takes_onednn_path(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not _tracing())
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+        return False
+    if torch.is_autocast_enabled("cpu") or _tracing():
+        return False
+    tokens = x.numel() // x.shape[-1]
+    return tokens % 16 == 0 or torch.get_num_threads() > 1
 
 
 def _tracing() -> bool:
