@@ -1,5 +1,6 @@
 """Training engine: optimiser groups, schedules, checkpoints, resume, NaN stop, DDP equivalence."""
 
+import copy
 import json
 import math
 import os
@@ -43,6 +44,27 @@ def test_param_groups_follow_the_original():
     groups = {n: g["weight_decay"] for g in param_groups(model, solver) for n in g["names"]}
     assert groups["predictor.class_embed.bias"] == 0.0
     assert isinstance(build_optimizer(model, solver), torch.optim.AdamW)
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
+    torch.manual_seed(0)
+    model = build_maskformer(tiny_config())
+    solver = SolverConfig(base_lr=1e-3, weight_decay=0.05)
+    optimizer = build_optimizer(model, solver)
+    assert optimizer.defaults["fused"] is True
+    reference_model = copy.deepcopy(model)
+    reference = torch.optim.AdamW(param_groups(reference_model, solver), lr=1e-3, betas=tuple(solver.betas),
+                                  foreach=False)
+    pairs = [(p, q) for p, q in zip(model.parameters(), reference_model.parameters()) if p.requires_grad]
+    initial = [p.detach().clone() for p, _ in pairs]
+    for _ in range(3):
+        for p, q in pairs:
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step(), reference.step()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(not torch.equal(p, p0) for (p, _), p0 in zip(pairs, initial))  # every parameter took steps
 
 
 def test_swin_relative_position_tables_have_no_weight_decay():
