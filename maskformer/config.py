@@ -77,7 +77,7 @@ class BackboneConfig:
     freeze_bn: bool = True
     drop_path_rate: float = 0.0
     # Recompute the backbone's blocks in backward instead of storing their activations: less training
-    # memory (Swin-T at 512x512: 0.65x -> 0.52x of HF's peak, ~9% more CPU time per step; see
+    # memory (Swin-T at 512x512: 0.64x -> 0.47x of HF's peak, ~25% more time per CPU step; see
     # docs/performance.md). With trainable BatchNorm the recomputation updates running statistics twice.
     grad_checkpointing: bool = False
     # Extra keyword arguments for ``timm.create_model`` (plain values only).
