@@ -122,11 +122,14 @@ def test_analyze_model_on_a_tiny_config(tmp_path, capsys):
 
 def test_parse_variant():
     assert bench.parse_variant("fp32") == {"amp": "off", "channels_last": False, "num_points": 0,
-                                           "grad_checkpointing": False, "cpu_linear": "onednn"}
+                                           "grad_checkpointing": False, "cpu_linear": "onednn",
+                                           "cpu_channels_last": True}
     assert bench.parse_variant("bf16-cl-p12544") == {"amp": "bf16", "channels_last": True, "num_points": 12544,
-                                                     "grad_checkpointing": False, "cpu_linear": "onednn"}
+                                                     "grad_checkpointing": False, "cpu_linear": "onednn",
+                                                     "cpu_channels_last": True}
     assert bench.parse_variant("fp32-p12544-gc")["grad_checkpointing"]
     assert bench.parse_variant("fp32-blas")["cpu_linear"] == "blas"
+    assert bench.parse_variant("fp32-nchw")["cpu_channels_last"] is False
     with pytest.raises(ValueError, match="unknown part"):
         bench.parse_variant("fp32-x")
     with pytest.raises(ValueError, match="must start with"):

@@ -224,6 +224,23 @@ def test_channels_last_gives_the_same_outputs():
     assert torch.allclose(out["pred_logits"], ref["pred_logits"], atol=1e-5)
 
 
+def test_cpu_inputs_enter_channels_last_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = build_maskformer(tiny_config()).eval()
+    plain = build_maskformer(tiny_config("model.cpu_channels_last=false")).eval()
+    plain.load_state_dict(model.state_dict())
+    layouts = []
+    for m in (model, plain):
+        m.backbone.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out, ref = model(x), plain(x)
+    assert layouts == [True, False]
+    torch.testing.assert_close(out["pred_masks"], ref["pred_masks"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], rtol=1e-4, atol=1e-5)
+
+
 def test_matcher_downsampling_is_done_once_for_all_layers(monkeypatch):
     import maskformer.models.matcher as matcher_module
 

@@ -26,10 +26,11 @@ Both sides use random weights, the same seed, images, targets, classes, queries 
 Hugging Face Swin gets ``drop_path_rate=0`` like ours. Differences that stay: HF's ResNet trains
 its BatchNorms, ours are frozen (the original's FrozenBN); HF has no attention dropout.
 
-A variant is ``PRECISION[-cl][-pN][-gc][-blas]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
+A variant is ``PRECISION[-cl][-pN][-gc][-blas][-nchw]``: ``fp32`` or ``bf16`` (autocast), ``-cl`` channels_last,
 ``-pN`` point-sampled mask losses on N points (Mask2Former's, ``loss.num_points=N``; train only),
 ``-gc`` backbone gradient checkpointing (``model.backbone.grad_checkpointing``; train only), ``-blas``
-fp32 linear layers on PyTorch's default BLAS path instead of oneDNN (``model.cpu_linear: blas``).
+fp32 linear layers on PyTorch's default BLAS path instead of oneDNN (``model.cpu_linear: blas``),
+``-nchw`` CPU inputs kept contiguous (``model.cpu_channels_last: false``; ``-cl`` converts the weights too).
 ``--linear-kernels`` instead times single linear layers of the benchmarked models both ways.
 The Hugging Face side always runs fp32, contiguous: the ratios compare against that baseline.
 
@@ -127,13 +128,13 @@ def random_targets(batch: int, num_masks: int, num_classes: int, size: tuple[int
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-    """``PRECISION[-cl][-pN][-gc][-blas]`` -> {"amp", "channels_last", "num_points", "grad_checkpointing",
-    "cpu_linear"}, e.g. ``bf16-cl``, ``fp32-p12544-gc``, ``fp32-blas``."""
+    """``PRECISION[-cl][-pN][-gc][-blas][-nchw]`` -> {"amp", "channels_last", "num_points",
+    "grad_checkpointing", "cpu_linear", "cpu_channels_last"}, e.g. ``bf16-cl``, ``fp32-p12544-gc``, ``fp32-nchw``."""
     parts = name.split("-")
     if parts[0] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"variant {name!r}: must start with fp32, bf16 or fp16")
     out = {"amp": "off" if parts[0] == "fp32" else parts[0], "channels_last": False, "num_points": 0,
-           "grad_checkpointing": False, "cpu_linear": "onednn"}
+           "grad_checkpointing": False, "cpu_linear": "onednn", "cpu_channels_last": True}
     for part in parts[1:]:
         if part == "cl":
             out["channels_last"] = True
@@ -141,10 +142,12 @@ def parse_variant(name: str) -> dict[str, Any]:
             out["grad_checkpointing"] = True
         elif part == "blas":
             out["cpu_linear"] = "blas"
+        elif part == "nchw":
+            out["cpu_channels_last"] = False
         elif part.startswith("p") and part[1:].isdigit():
             out["num_points"] = int(part[1:])
         else:
-            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl', 'pN', 'gc' or 'blas')")
+            raise ValueError(f"variant {name!r}: unknown part {part!r} (expected 'cl', 'pN', 'gc', 'blas' or 'nchw')")
     return out
 
 
@@ -355,7 +358,8 @@ def run_job(job: Job) -> dict[str, Any]:
         variant = parse_variant(job.side)
         extra = [f"loss.num_points={variant['num_points']}", f"model.deep_supervision={str(job.aux).lower()}",
                  f"model.backbone.grad_checkpointing={str(variant['grad_checkpointing']).lower()}",
-                 f"model.cpu_linear={variant['cpu_linear']}"]
+                 f"model.cpu_linear={variant['cpu_linear']}",
+                 f"model.cpu_channels_last={str(variant['cpu_channels_last']).lower()}"]
         cfg = paper_config(BACKBONES[job.backbone][0] if job.backbone in BACKBONES else job.backbone,
                            job.num_classes, job.num_queries, extra)
         model = build_maskformer(cfg).to(device)

@@ -62,7 +62,8 @@ def build_maskformer(cfg: Config) -> MaskFormer:
                     else backbone.out_channels[m.transformer_in_feature])
     model = MaskFormer(backbone=backbone, pixel_decoder=pixel_decoder, predictor=build_predictor(m, predictor_in),
                        transformer_in_feature=m.transformer_in_feature, pixel_mean=tuple(m.pixel_mean),
-                       pixel_std=tuple(m.pixel_std), size_divisibility=m.size_divisibility)
+                       pixel_std=tuple(m.pixel_std), size_divisibility=m.size_divisibility,
+                       cpu_channels_last=m.cpu_channels_last)
     model.inference = build_inference_settings(cfg)
     return _select_cpu_linear(model, m)
 
