@@ -57,8 +57,8 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optim
     """AdamW (the original) or SGD with momentum, over :func:`param_groups`."""
     groups = param_groups(model, solver)
     if solver.optimizer == "adamw":
-        # The fused kernel (one pass per tensor instead of a dozen) computes the same update; on a CPU it
-        # takes a quarter of the per-parameter loop's time (~0.2 of a 2.3 s R50 step on 2 cores).
+        # The fused kernel (one pass per tensor instead of a dozen) computes the same update in a third of
+        # the per-parameter loop's time (R50 on 2 CPU cores: 18-20 vs 57-66 ms per step).
         params = [p for group in groups for p in group["params"]]
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params) or None
         return torch.optim.AdamW(groups, lr=solver.base_lr, betas=tuple(solver.betas), fused=fused)

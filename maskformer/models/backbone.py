@@ -18,8 +18,9 @@
 whose affine parameters and statistics are buffers (:class:`FrozenBatchNorm2d`, one fused
 ``batch_norm`` call that keeps bf16 activations in bf16 under autocast). In timm ResNets each one
 is then folded into the convolution before it (:func:`fold_frozen_batch_norm`; same outputs,
-gradients and state-dict keys, one pass over the activations less in forward and in backward). ``pretrained=True`` loads timm's weights
-(downloads); a path loads a local state dict (see :func:`load_backbone_weights`).
+gradients and state-dict keys, one pass over the activations less in forward and in backward).
+``pretrained=True`` loads timm's weights (downloads); a path loads a local state dict (see
+:func:`load_backbone_weights`).
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def fold_frozen_batch_norm(body: nn.Module) -> int:
         return 0
     pairs: list[tuple[nn.Module, nn.Module]] = []
     for block in blocks:
-        pairs += [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+        pairs += [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                  for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
         if isinstance(block.downsample, nn.Sequential):  # ([avg-pool,] conv, bn)
             pairs += list(zip(block.downsample[:-1], block.downsample[1:]))
     stem = getattr(body, "conv1", None)
