@@ -71,6 +71,7 @@ from analyze_model import count_flops  # noqa: E402
 
 from maskformer.config import config_from_dict  # noqa: E402
 from maskformer.engine.evaluate import autocast_context  # noqa: E402
+from maskformer.engine.memory import keep_freed_memory  # noqa: E402
 from maskformer.models.build import build_criterion, build_maskformer  # noqa: E402
 
 # Our timm/Swin name and the Hugging Face backbone configuration of each supported backbone.
@@ -347,6 +348,8 @@ class Job:
 def run_job(job: Job) -> dict[str, Any]:
     """Build the side's model and measure the task in this process. Returns a JSON-able dict."""
     torch.set_num_threads(job.threads)
+    if job.tune_malloc:  # the trainer's setting (train.keep_freed_memory), for either side
+        keep_freed_memory()
     device = torch.device(job.device)
     size = tuple(job.size)
     torch.manual_seed(0)
@@ -407,18 +410,10 @@ def run_job(job: Job) -> dict[str, Any]:
 # The comparison (parent process)
 # ------------------------------------------------------------------------------------------------
 
-# glibc keeps freed memory for reuse instead of unmapping every large block: without it a CPU
-# training step page-faults its large activations in afresh (~0.5-0.7 s of system time per R50 step
-# here). jemalloc or tcmalloc (LD_PRELOAD) do the same.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**33)}
-
-
 def _spawn(job: Job, timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[key] = str(job.threads)
-    if job.tune_malloc:
-        env.update(MALLOC_TUNING)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dataclasses.asdict(job))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -705,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-aux", action="store_true", help="no auxiliary (deep supervision) losses on either side")
     parser.add_argument("--tune-malloc", action="store_true",
                         help="both sides: glibc keeps freed memory instead of page-faulting it in again "
-                             "(see MALLOC_TUNING)")
+                             "(maskformer.engine.memory.keep_freed_memory, what the trainer does)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="timed inference runs")
     parser.add_argument("--train-runs", type=int, default=3, help="timed training steps")

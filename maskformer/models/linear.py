@@ -3,12 +3,12 @@
 PyTorch computes an fp32 ``nn.Linear`` on an x86 CPU with MKL's ``sgemm``. On the AMD EPYC (Zen 5)
 machines this project is measured on, MKL runs at about half of what the cores can do (MKL picks
 its AVX2 kernels on AMD processors), while oneDNN, which PyTorch uses for convolutions, runs its
-AVX-512 kernels. A linear map over tokens ``[..., C_in]`` is a 1x1 convolution over a channels-last
-image with one row of ``N`` tokens, so :func:`onednn_linear` hands it to oneDNN: the same products
-and sums (outputs equal ``F.linear``'s up to rounding order) in 0.22-0.64x of the time in forward
-and 0.47-0.79x in forward + backward for the layer sizes of Swin-T and the transformer decoder (a
-tie for the small class head); ``python tools/benchmark.py --linear-kernels`` prints the table for
-the machine it runs on. Not measured on Intel CPUs, where MKL is not handicapped: ``blas`` may be
+AVX-512 kernels. A linear map over ``N`` tokens ``[..., C_in]`` is a 1x1 convolution over a
+channels-last batch of 16 images of ``N/16`` tokens, so :func:`onednn_linear` hands it to oneDNN:
+the same products and sums (outputs equal ``F.linear``'s up to rounding order) in 0.39-0.76x of the
+time in forward and 0.49-0.76x in forward + backward for the layer sizes of Swin-T on 2 threads
+(0.55-0.73x for the transformer decoder's, a tie for the small class head);
+``python tools/benchmark.py --linear-kernels`` prints the table for the machine it runs on. Not measured on Intel CPUs, where MKL is not handicapped: ``blas`` may be
 the better choice there.
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters and state-dict keys) that takes this path
@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskformer.models.tracing import is_tracing
+
 __all__ = ["OneDNNLinear", "onednn_linear", "use_onednn_linear"]
+
+
+# PyTorch sends 1x1 convolutions of fewer images to its BLAS-based kernel when it runs on one thread.
+_IMAGES = 16
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -37,7 +43,7 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     one thread to its BLAS-based kernel instead of oneDNN; :class:`OneDNNLinear` then uses ``F.linear``.)
     """
     leading, tokens = x.shape[:-1], x.numel() // x.shape[-1]
-    batch = 16 if tokens % 16 == 0 else 1
+    batch = _IMAGES if tokens % _IMAGES == 0 else 1
     images = x.reshape(batch, tokens // batch, 1, x.shape[-1]).permute(0, 3, 1, 2)
     out = F.conv2d(images, weight[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(*leading, weight.shape[0])
@@ -46,15 +52,10 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 def _takes_onednn_path(x: Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
         return False
-    if torch.is_autocast_enabled("cpu") or _tracing():
+    if torch.is_autocast_enabled("cpu") or is_tracing():
         return False
     tokens = x.numel() // x.shape[-1]
-    return tokens % 16 == 0 or torch.get_num_threads() > 1
-
-
-def _tracing() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or is_exporting()
+    return tokens % _IMAGES == 0 or torch.get_num_threads() > 1
 
 
 class OneDNNLinear(nn.Linear):

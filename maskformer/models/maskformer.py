@@ -39,6 +39,8 @@ class MaskFormer(nn.Module):
         pixel_mean, pixel_std: RGB normalisation on the 0-255 scale (used by ``predict``; ``forward``
             expects normalised input).
         size_divisibility: inputs are padded to a multiple of this (by the collator / ``predict``).
+        cpu_channels_last: ``forward`` converts CPU inputs to channels-last, which every layer then
+            follows (oneDNN's faster NHWC convolutions; same results). GPU inputs are left as they are.
 
     forward(images [B,3,H,W] normalised, H and W multiples of size_divisibility) -> {
         "pred_logits": [B,Q,K+1], "pred_masks": [B,Q,H/4,W/4],

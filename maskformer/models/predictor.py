@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from maskformer.models.pixel_decoder import c2_xavier_fill
 from maskformer.models.position_encoding import PositionEmbeddingSine
+from maskformer.models.tracing import is_tracing
 from maskformer.models.transformer import TransformerDecoder
 
 
@@ -128,7 +129,7 @@ class TransformerPredictor(nn.Module):
         # The sparse backward pays off on CPUs; on GPUs the dense products are cheap and finding
         # the non-zero rows would synchronise the device.
         if (self.training and torch.is_grad_enabled() and mask_features.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
+                and not is_tracing()):
             masks = MaskEinsum.apply(mask_embed, mask_features)  # [L, B, Q, H/4, W/4]
         else:
             masks = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)

@@ -29,6 +29,8 @@ from timm.models.swin_transformer import PatchMerging, get_relative_position_ind
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from maskformer.models.tracing import is_tracing
+
 __all__ = ["SWIN_VARIANTS", "SwinTransformer", "SwinStage", "SwinBlock", "WindowAttention", "window_layout"]
 
 # Architectures of the timm Swin names served by this module (timm registers the same values).
@@ -79,7 +81,7 @@ def window_layout(height: int, width: int, window_size: int, shift: int, device:
     stage, and every forward at the same size, reuses it), except while torch.compile/export traces,
     where it becomes part of the graph.
     """
-    if _tracing():
+    if is_tracing():
         return _window_layout(height, width, window_size, shift, device)
     # Cached tensors made under inference_mode could not be saved for a later backward.
     with torch.inference_mode(False):
@@ -121,11 +123,6 @@ def _window_layout(height: int, width: int, window_size: int, shift: int, device
 
 
 _cached_window_layout = functools.lru_cache(maxsize=32)(_window_layout)
-
-
-def _tracing() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-    return torch.compiler.is_compiling() or is_exporting()
 
 
 class WindowAttention(nn.Module):
